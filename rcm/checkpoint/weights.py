@@ -1,0 +1,91 @@
+"""Loading network weights alone (teacher, evaluation, fine-tuning) from a `.pth` file, a DCP
+checkpoint or a run directory."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from rcm.checkpoint.manager import CheckpointManager, is_complete
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "net.", "model.")
+EMA_KEYS = ("ema", "ema_state_dict", "model_ema")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory resolves to its latest complete checkpoint; anything else must exist."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path {path} does not exist")
+    if path.is_dir() and not is_complete(path) and not (path / ".metadata").exists():
+        latest = CheckpointManager(path / "checkpoints").latest()
+        if latest is None:
+            raise FileNotFoundError(f"{path} holds no complete checkpoint (looked in {path / 'checkpoints'})")
+        return latest
+    return path
+
+
+def load_model_weights(model: nn.Module, path: str | Path, prefer: str = "ema") -> str:
+    """Load weights into ``model`` (strict); returns which entry was used ('ema', 'student' or 'pth')."""
+    path = resolve_checkpoint(path)
+    if path.is_dir():
+        return _load_from_dcp(model, path, prefer)
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    state = unwrap_state_dict(state, prefer_ema=prefer == "ema")
+    load_state_dict_strict(model, state, source=str(path))
+    return "pth"
+
+
+def _load_from_dcp(model: nn.Module, path: Path, prefer: str) -> str:
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.keys()
+    available = {key.split(".", 1)[0] for key in keys}
+    for entry in (prefer, "ema", "student"):
+        if entry in available:
+            # The EMA holds parameters only; the student entry is a full state dict.
+            target = {n: p.detach() for n, p in model.named_parameters()} if entry == "ema" else model.state_dict()
+            dcp.load({entry: target}, checkpoint_id=str(path))
+            return entry
+    raise KeyError(f"checkpoint {path} holds neither 'ema' nor 'student' weights (found {sorted(available)})")
+
+
+def unwrap_state_dict(state: dict, prefer_ema: bool = True) -> dict[str, torch.Tensor]:
+    """Undo the usual wrappers: an EMA / state_dict sub-dict and DDP/compile/trainer key prefixes."""
+    if prefer_ema:
+        for key in EMA_KEYS:
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    for key in ("state_dict", "model"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if state and all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that lists what is missing and unexpected."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {missing[:5]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[:5]})")
+        if wrong_shape:
+            parts.append(
+                "wrong shapes: "
+                + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong_shape[:5])
+            )
+        raise ValueError(f"{source} does not match the model: " + "; ".join(parts))
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)

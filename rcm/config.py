@@ -1,0 +1,159 @@
+"""The typed configuration tree. Hydra composes `configs/` onto this schema, so an unknown key or a
+wrong type fails at start with the key's name; `validate_config` adds the cross-field checks."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+
+from rcm.distill.time import TimeSamplerConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+METHODS = ("flow_matching", "rcm", "scm", "dmd", "dcm")
+
+
+@dataclass
+class ModelConfig:
+    """Mirrors rcm.models.wan_dit.WanDiTConfig (kept as plain fields so Hydra can type-check them)."""
+
+    dim: int = MISSING
+    ffn_dim: int = MISSING
+    freq_dim: int = MISSING
+    text_dim: int = MISSING
+    text_len: int = MISSING
+    num_heads: int = MISSING
+    num_layers: int = MISSING
+    in_channels: int = 16
+    out_channels: int = 16
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+    attention_backend: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    """Where the webdataset shards are and what a sample must look like."""
+
+    shards: str = MISSING
+    latent_shape: list[int] = MISSING  # C, T, H, W
+    shuffle_buffer: int = 1000
+    negative_embedding: Optional[str] = None  # .pt tensor (L, text_dim): the unconditional branch
+    ground_truth: Optional[str] = None  # toy only: the mixture's ground_truth.pt, for evaluation
+
+
+@dataclass
+class DistillConfig:
+    """The method and its constants (rcm_spec.md §2–§4); defaults are the Wan2.1 recipe."""
+
+    method: str = "rcm"
+    teacher_checkpoint: Optional[str] = None  # .pth file, DCP checkpoint or run directory
+    guidance_scale: float = 5.0
+    tangent_warmup: int = 1000
+    student_update_freq: int = 5
+    loss_scale: float = 100.0
+    loss_scale_dmd: float = 1.0
+    scm_time: TimeSamplerConfig = field(default_factory=lambda: TimeSamplerConfig("lognormal", 0.7, 1.6))
+    dmd_time: TimeSamplerConfig = field(default_factory=lambda: TimeSamplerConfig("uniform_shift", shift=5.0))
+    dmd_fix_timesteps: bool = False
+    dcm_num_steps: int = 48
+    dcm_shift: float = 5.0
+    ema_sigma_rel: float = 0.1
+    # flow_matching (teacher pretraining) only
+    flow_matching_time: TimeSamplerConfig = field(default_factory=lambda: TimeSamplerConfig("uniform_shift", shift=3.0))
+    unconditional_probability: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    """AdamW for the student and for the fake score."""
+
+    lr: float = 2e-6
+    lr_fake_score: float = 4e-7
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
+    weight_decay: float = 0.01
+    warmup_iters: int = 0
+    grad_clip: float = 0.0  # 0 disables clipping (the recipe uses none)
+
+
+@dataclass
+class TrainConfig:
+    """The loop: length, batch, precision, logging and checkpoint cadence."""
+
+    max_iters: int = 100_000
+    batch_size: int = 1  # per data-parallel rank
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    mixed_precision: str = "bf16"  # bf16 | none (bf16 autocast is used only on CUDA)
+    log_every: int = 50
+    save_every: int = 500
+    keep_last: int = 3
+    progress_bar: bool = True
+
+
+@dataclass
+class RCMConfig:
+    """The whole tree."""
+
+    name: str = "run"
+    run_dir: str = "runs/${name}"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def register_configs() -> None:
+    """Register the schema so `configs/config.yaml` can extend it (typos fail at composition)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="rcm_schema", node=RCMConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key."""
+
+
+def validate_config(cfg: Any) -> None:
+    """Cross-field checks that a schema cannot express; raises ConfigError with one sentence."""
+    distill, train, data = cfg.distill, cfg.train, cfg.data
+    if distill.method not in METHODS:
+        raise ConfigError(f"distill.method must be one of {', '.join(METHODS)}, got '{distill.method}'")
+    if distill.method != "flow_matching" and not distill.teacher_checkpoint:
+        raise ConfigError(f"distill.teacher_checkpoint is required for method '{distill.method}'")
+    if distill.student_update_freq < 1:
+        raise ConfigError("distill.student_update_freq must be at least 1")
+    if distill.guidance_scale != 1.0 and not data.negative_embedding:
+        raise ConfigError("data.negative_embedding is required when distill.guidance_scale != 1 (CFG's unconditional branch)")
+    if len(data.latent_shape) != 4:
+        raise ConfigError(f"data.latent_shape must be [C, T, H, W], got {list(data.latent_shape)}")
+    if data.latent_shape[0] != cfg.model.in_channels:
+        raise ConfigError(
+            f"data.latent_shape has {data.latent_shape[0]} channels but model.in_channels is {cfg.model.in_channels}"
+        )
+    for axis, (size, patch) in enumerate(zip(data.latent_shape[1:], cfg.model.patch_size)):
+        if size % patch:
+            raise ConfigError(f"data.latent_shape[{axis + 1}]={size} is not divisible by model.patch_size {list(cfg.model.patch_size)}")
+    if train.batch_size < 1 or train.max_iters < 1:
+        raise ConfigError("train.batch_size and train.max_iters must be positive")
+    if train.mixed_precision not in ("bf16", "none"):
+        raise ConfigError(f"train.mixed_precision must be 'bf16' or 'none', got '{train.mixed_precision}'")
+    for key in ("scm_time", "dmd_time", "flow_matching_time"):
+        TimeSamplerConfig(**OmegaConf.to_container(distill[key]) if OmegaConf.is_config(distill[key]) else vars(distill[key]))
+
+
+def load_config(overrides: list[str] | None = None, config_name: str = "config") -> Any:
+    """Compose the Hydra config tree outside a Hydra app (demo, tests, notebooks)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides or []))
+    validate_config(cfg)
+    return cfg

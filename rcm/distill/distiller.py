@@ -1,0 +1,181 @@
+"""One training iteration of every method: which network updates, and its loss.
+
+The schedule (spec §4): during the tangent warmup only the student trains (sCM alone). Afterwards,
+for methods with a fake score (rCM, DMD), every ``student_update_freq``-th iteration is a student step
+(sCM + DMD gradients summed) and the others update the fake score.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from rcm.distill import dcm, dmd
+from rcm.distill.flow_matching import flow_matching_loss
+from rcm.distill.scm import scm_loss
+from rcm.distill.time import TimeSamplerConfig, sample_rf_time, sample_trig_time
+from rcm.distill.trigflow import denoise, guided_denoise, noisy
+
+STUDENT = "student"
+FAKE_SCORE = "fake_score"
+
+
+def uses_scm(method: str, loss_scale: float) -> bool:
+    """Whether the sCM term is active."""
+    return method in ("rcm", "scm") and loss_scale > 0
+
+
+def uses_fake_score(method: str, loss_scale_dmd: float) -> bool:
+    """Whether a fake score (critic) is trained, i.e. DMD is active."""
+    return method in ("rcm", "dmd") and loss_scale_dmd > 0
+
+
+def step_kind(iteration: int, method: str, tangent_warmup: int, student_update_freq: int, loss_scale_dmd: float) -> str:
+    """Which network iteration ``iteration`` (0-based) updates: STUDENT or FAKE_SCORE."""
+    if not uses_fake_score(method, loss_scale_dmd):
+        return STUDENT
+    if method == "rcm" and iteration < tangent_warmup:
+        return STUDENT
+    return STUDENT if iteration % student_update_freq == 0 else FAKE_SCORE
+
+
+def dmd_active(iteration: int, method: str, tangent_warmup: int, loss_scale_dmd: float) -> bool:
+    """DMD joins the student loss after the sCM warmup (rCM) or from the start (DMD-only)."""
+    if not uses_fake_score(method, loss_scale_dmd):
+        return False
+    return method == "dmd" or iteration >= tangent_warmup
+
+
+@dataclass
+class StepResult:
+    """The loss to backpropagate and the numbers to log."""
+
+    loss: torch.Tensor
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+class Distiller:
+    """Losses of one method for a batch; owns no optimizer (the training loop does)."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        fake_score: nn.Module | None,
+        negative_embedding: torch.Tensor | None,
+        generator: torch.Generator,
+    ):
+        self.cfg = cfg
+        self.method = cfg.method
+        self.student = student
+        self.teacher = teacher
+        self.fake_score = fake_score
+        self.negative_embedding = negative_embedding
+        self.generator = generator
+
+    # -- random draws, all from the run's generator so a resumed run draws the same numbers --
+    def _randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+
+    def _trig_time(self, sampler: TimeSamplerConfig, n: int, device) -> torch.Tensor:
+        return sample_trig_time(_sampler(sampler), n, self.generator, device)
+
+    def _teacher_x0(self, x_t, t, context) -> torch.Tensor:
+        with torch.no_grad():
+            return guided_denoise(self.teacher, x_t, t, context, self.negative_embedding, self.cfg.guidance_scale)
+
+    def kind(self, iteration: int) -> str:
+        """STUDENT or FAKE_SCORE for this iteration."""
+        c = self.cfg
+        return step_kind(iteration, self.method, c.tangent_warmup, c.student_update_freq, c.loss_scale_dmd)
+
+    def loss(self, batch: dict[str, torch.Tensor], iteration: int, student_iteration: int) -> StepResult:
+        """The loss of this iteration's step for the network ``kind(iteration)`` names."""
+        if self.method == "flow_matching":
+            return self._flow_matching(batch)
+        if self.kind(iteration) == FAKE_SCORE:
+            return self._fake_score_step(batch, student_iteration)
+        return self._student_step(batch, iteration, student_iteration)
+
+    def _flow_matching(self, batch) -> StepResult:
+        x0, context = batch["latent"], batch["embed"]
+        drop = torch.rand(x0.shape[0], generator=self.generator, device=x0.device) < self.cfg.unconditional_probability
+        if self.negative_embedding is not None and drop.any():
+            negative = self.negative_embedding.to(context.dtype).expand(x0.shape[0], -1, -1)
+            context = torch.where(drop[:, None, None], negative, context)
+        s = sample_rf_time(_sampler(self.cfg.flow_matching_time), x0.shape[0], self.generator, x0.device)
+        loss = flow_matching_loss(self.student, x0, self._randn_like(x0), s, context)
+        return StepResult(loss, {"loss/flow_matching": float(loss)})
+
+    def _student_step(self, batch, iteration: int, student_iteration: int) -> StepResult:
+        c = self.cfg
+        x0, context = batch["latent"], batch["embed"]
+        total = x0.new_zeros((), dtype=torch.float64)
+        logs: dict[str, float] = {}
+        if self.method == "dcm":
+            total = total + self._dcm_loss(x0, context)
+            logs["loss/dcm"] = float(total)
+        elif uses_scm(self.method, c.loss_scale):
+            t = self._trig_time(c.scm_time, x0.shape[0], x0.device)
+            noise = self._randn_like(x0)
+            teacher_x0 = self._teacher_x0(noisy(x0, noise, t), t, context)
+            out = scm_loss(
+                self.student, x0, noise, t, context, teacher_x0, iteration, c.tangent_warmup, c.loss_scale
+            )
+            total = total + out.loss
+            logs.update({"loss/scm": float(out.loss), "scm/nonfinite": out.num_nonfinite, "scm/g_norm": out.g_norm})
+        if dmd_active(iteration, self.method, c.tangent_warmup, c.loss_scale_dmd):
+            generated = self._generate(x0, context, student_iteration, with_grad=True)
+            fake_x0, real_x0, _ = self._critic_targets(generated, context, need_real=True)
+            out = dmd.dmd_loss(generated, fake_x0, real_x0, c.loss_scale_dmd)
+            total = total + out.loss
+            logs.update({"loss/dmd": float(out.loss), "dmd/nonfinite": out.num_nonfinite})
+        return StepResult(total, logs)
+
+    def _fake_score_step(self, batch, student_iteration: int) -> StepResult:
+        x0, context = batch["latent"], batch["embed"]
+        with torch.no_grad():
+            generated = self._generate(x0, context, student_iteration, with_grad=False)
+        fake_x0, _, t = self._critic_targets(generated, context, need_real=False, fake_with_grad=True)
+        loss = dmd.fake_score_loss(generated, fake_x0, t)
+        return StepResult(loss, {"loss/fake_score": float(loss)})
+
+    def _generate(self, like: torch.Tensor, context, student_iteration: int, with_grad: bool) -> torch.Tensor:
+        c = self.cfg
+        batch = like.shape[0]
+        times = dmd.backward_simulation_times(
+            dmd.num_simulation_steps(student_iteration), batch, _sampler(c.dmd_time), c.dmd_fix_timesteps, self.generator, like.device
+        )
+        student_x0 = lambda x, t, ctx: denoise(self.student, x, t, ctx)  # noqa: E731
+        return dmd.backward_simulation(
+            student_x0, self._randn_like(like), times, context, lambda: self._randn_like(like), grad_last_step=with_grad
+        )
+
+    def _critic_targets(self, generated, context, need_real: bool, fake_with_grad: bool = False):
+        t = self._trig_time(self.cfg.dmd_time, generated.shape[0], generated.device)
+        x_d = noisy(generated.detach(), self._randn_like(generated), t)
+        with torch.set_grad_enabled(fake_with_grad):
+            fake_x0 = denoise(self.fake_score, x_d, t, context)
+        real_x0 = self._teacher_x0(x_d, t, context) if need_real else None
+        return fake_x0, real_x0, t
+
+    def _dcm_loss(self, x0, context) -> torch.Tensor:
+        c = self.cfg
+        grid = dcm.dcm_rf_grid(c.dcm_num_steps, c.dcm_shift)
+        k = torch.randint(0, c.dcm_num_steps, (x0.shape[0],), generator=self.generator, device=x0.device)
+        t_now, t_next = dcm.dcm_times(k, grid)
+        x_now = noisy(x0, self._randn_like(x0), t_now)
+        x_next = dcm.teacher_euler_step(x_now, t_now, t_next, self._teacher_x0(x_now, t_now, context)).to(x0.dtype)
+        with torch.no_grad():
+            target = denoise(self.student, x_next, t_next, context)
+        return dcm.dcm_loss(denoise(self.student, x_now, t_now, context), target, c.loss_scale)
+
+
+def _sampler(config: Any) -> TimeSamplerConfig:
+    """Accept both a dataclass and an OmegaConf node."""
+    if isinstance(config, TimeSamplerConfig):
+        return config
+    return TimeSamplerConfig(kind=config.kind, p_mean=config.p_mean, p_std=config.p_std, shift=config.shift)

@@ -1,0 +1,69 @@
+"""Few-step student sampling and the teacher's flow-matching Euler sampler (spec §5)."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from rcm.distill.dcm import teacher_euler_step
+from rcm.distill.dmd import FIXED_INTERMEDIATE_TIMES
+from rcm.distill.time import rf_to_trig, shift_rf_time
+from rcm.distill.trigflow import per_sample
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def student_time_grid(num_steps: int, sigma_max: float = 80.0) -> list[float]:
+    """[arctan σ_max, *mid_t, 0] with mid_t = [1.5, 1.4, 1.0][:num_steps − 1]."""
+    if not 1 <= num_steps <= 4:
+        raise ValueError(f"the student samples with 1 to 4 steps, got {num_steps}")
+    if sigma_max <= 0:
+        raise ValueError(f"sigma_max must be positive, got {sigma_max}")
+    return [math.atan(sigma_max), *FIXED_INTERMEDIATE_TIMES[: num_steps - 1], 0.0]
+
+
+@torch.no_grad()
+def sample_student(
+    student: Denoiser,
+    noise: torch.Tensor,
+    context: torch.Tensor,
+    num_steps: int,
+    sigma_max: float = 80.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Few-step consistency sampling: denoise, re-noise at the next time with fresh noise, repeat."""
+    times = student_time_grid(num_steps, sigma_max)
+    batch = noise.shape[0]
+    x = noise
+    for i in range(num_steps):
+        t = torch.full((batch,), times[i], dtype=torch.float64, device=noise.device)
+        x0 = student(x, t, context)
+        if i == num_steps - 1:
+            return x0
+        t_next = torch.full((batch,), times[i + 1], dtype=torch.float64, device=noise.device)
+        fresh = torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
+        x = per_sample(torch.cos(t_next), x0) * x0 + per_sample(torch.sin(t_next), x0) * fresh
+    raise AssertionError("unreachable")
+
+
+def teacher_time_grid(num_steps: int, shift: float) -> torch.Tensor:
+    """TrigFlow times from π/2 to 0 (num_steps + 1 points), uniform in u then shifted like Wan."""
+    if num_steps < 1:
+        raise ValueError(f"the teacher needs at least 1 step, got {num_steps}")
+    return rf_to_trig(shift_rf_time(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), shift))
+
+
+@torch.no_grad()
+def sample_teacher(
+    teacher: Denoiser, noise: torch.Tensor, context: torch.Tensor, num_steps: int = 50, shift: float = 5.0
+) -> torch.Tensor:
+    """Flow-matching Euler sampling (in RF time, as Wan) expressed with a TrigFlow x0 denoiser."""
+    grid = teacher_time_grid(num_steps, shift).to(noise.device)
+    batch = noise.shape[0]
+    x = noise
+    for i in range(num_steps):
+        t = grid[i].expand(batch)
+        t_next = grid[i + 1].expand(batch)
+        x = teacher_euler_step(x, t, t_next, teacher(x, t, context))
+    return x

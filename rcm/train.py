@@ -1,0 +1,257 @@
+"""Training entry point: teacher pretraining (flow matching) and distillation (rCM, sCM, DMD, dCM).
+
+    python -m rcm.train experiment=toy_rcm                    # one process
+    torchrun --nproc_per_node=2 -m rcm.train experiment=toy_rcm  # data parallel (gloo on CPU)
+    python -m rcm.train --help                                # every option
+
+The run directory (``run_dir``) is the unit of fault tolerance: if it holds a complete checkpoint the run
+resumes from the latest one, so a requeued job only needs to be started again with the same config.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from rcm.checkpoint.manager import CheckpointManager, iteration_of
+from rcm.checkpoint.weights import load_model_weights
+from rcm.config import validate_config
+from rcm.data.shards import ShardLoader
+from rcm.distill.distiller import STUDENT, Distiller, uses_fake_score
+from rcm.distill.ema import PowerEMA
+from rcm.models.wan_dit import WanDiT, WanDiTConfig
+from rcm.parallel.distributed import (
+    DistributedInfo,
+    all_reduce_gradients,
+    init_distributed,
+    resolve_device,
+    shutdown_distributed,
+)
+
+log = logging.getLogger("rcm.train")
+
+
+def build_network(model_cfg: Any) -> WanDiT:
+    """The DiT described by the ``model`` config node."""
+    fields = OmegaConf.to_container(model_cfg, resolve=True) if OmegaConf.is_config(model_cfg) else dict(model_cfg)
+    return WanDiT(WanDiTConfig(**fields))
+
+
+def load_negative_embedding(path: str | None, device: torch.device) -> torch.Tensor | None:
+    """The negative prompt's text embedding (L, text_dim), CFG's unconditional branch."""
+    if not path:
+        return None
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"data.negative_embedding: file {path} does not exist")
+    embedding = torch.load(path, map_location="cpu", weights_only=True)
+    if embedding.dim() == 3 and embedding.shape[0] == 1:
+        embedding = embedding[0]
+    if embedding.dim() != 2:
+        raise ValueError(f"data.negative_embedding {path} must be a (tokens, text_dim) tensor, got shape {tuple(embedding.shape)}")
+    return embedding.float().to(device)
+
+
+class Trainer:
+    """Everything a run holds: networks, optimizers, EMA, data, RNG, counters, checkpoints."""
+
+    def __init__(self, cfg: Any, device: torch.device, info: DistributedInfo):
+        self.cfg, self.device, self.info = cfg, device, info
+        distill, optim = cfg.distill, cfg.optim
+        torch.manual_seed(cfg.train.seed)  # identical initialization on every rank
+        self.student = build_network(cfg.model).to(device)
+        self.teacher = self.fake_score = None
+        if distill.method != "flow_matching":
+            source = load_model_weights(self.student, distill.teacher_checkpoint, prefer="ema")
+            log.info("teacher weights from %s (%s)", distill.teacher_checkpoint, source)
+            self.teacher = copy.deepcopy(self.student).requires_grad_(False).eval()
+            if uses_fake_score(distill.method, distill.loss_scale_dmd):
+                self.fake_score = copy.deepcopy(self.student)
+        betas = tuple(optim.betas)
+        self.optimizers = {
+            STUDENT: torch.optim.AdamW(self.student.parameters(), lr=optim.lr, betas=betas, weight_decay=optim.weight_decay)
+        }
+        if self.fake_score is not None:
+            self.optimizers["fake_score"] = torch.optim.AdamW(
+                self.fake_score.parameters(), lr=optim.lr_fake_score, betas=betas, weight_decay=optim.weight_decay
+            )
+        self.base_lr = {STUDENT: optim.lr, "fake_score": optim.lr_fake_score}
+        self.ema = PowerEMA(self.student, distill.ema_sigma_rel)
+        self.generator = torch.Generator(device).manual_seed(cfg.train.seed * 100_003 + info.rank)
+        self.negative_embedding = load_negative_embedding(cfg.data.negative_embedding, device)
+        self.loader = ShardLoader(
+            cfg.data.shards,
+            batch_size=cfg.train.batch_size,
+            latent_shape=tuple(cfg.data.latent_shape),
+            text_len=cfg.model.text_len,
+            text_dim=cfg.model.text_dim,
+            seed=cfg.train.seed,
+            rank=info.rank,
+            world_size=info.world_size,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+        )
+        self.distiller = Distiller(distill, self.student, self.teacher, self.fake_score, self.negative_embedding, self.generator)
+        self.iteration = 0
+        self.student_iteration = 0
+        self.checkpoints = CheckpointManager(Path(cfg.run_dir) / "checkpoints", info, cfg.train.keep_last)
+
+    def networks(self) -> dict[str, torch.nn.Module]:
+        """The trainable networks by role."""
+        return {STUDENT: self.student, **({"fake_score": self.fake_score} if self.fake_score is not None else {})}
+
+    # -- checkpointing --
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What DCP saves: model weights, optimizer states, EMA."""
+        state: dict[str, Any] = {"ema": self.ema.state_dict()}
+        for role, network in self.networks().items():
+            state[role] = get_model_state_dict(network)
+            state[f"optim_{role}"] = get_optimizer_state_dict(network, self.optimizers[role])
+        return state
+
+    def rank_state(self) -> dict[str, Any]:
+        """What each rank saves for itself: RNG, data position, counters."""
+        return {
+            "iteration": self.iteration,
+            "student_iteration": self.student_iteration,
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "loader": self.loader.state_dict(),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+
+    def save(self) -> Path:
+        """Collective checkpoint of the current iteration."""
+        return self.checkpoints.save(self.iteration, self.checkpoint_state(), self.rank_state())
+
+    def resume(self, path: Path) -> None:
+        """Restore the full training state from a checkpoint."""
+        state = self.checkpoint_state()
+        rank_state = self.checkpoints.load(path, state)
+        self.ema.load_state_dict(state["ema"])
+        for role, network in self.networks().items():
+            set_model_state_dict(network, state[role])
+            set_optimizer_state_dict(network, self.optimizers[role], state[f"optim_{role}"])
+        self.iteration = iteration_of(path)
+        if rank_state is not None:
+            self.student_iteration = rank_state["student_iteration"]
+            self.generator.set_state(rank_state["generator"])
+            torch.set_rng_state(rank_state["torch_rng"])
+            self.loader.load_state_dict(rank_state["loader"])
+        log.info("resumed from %s at iteration %d", path, self.iteration)
+
+    # -- the loop --
+    def _autocast(self):
+        if self.device.type == "cuda" and self.cfg.train.mixed_precision == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _set_lr(self, role: str) -> None:
+        warmup = self.cfg.optim.warmup_iters
+        factor = min(1.0, (self.iteration + 1) / warmup) if warmup > 0 else 1.0
+        for group in self.optimizers[role].param_groups:
+            group["lr"] = self.base_lr[role] * factor
+
+    def step(self) -> dict[str, float]:
+        """One iteration: a batch, the scheduled network's loss, backward, gradient sync, update."""
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(self.loader).items()}
+        role = STUDENT if self.distiller.method == "flow_matching" else self.distiller.kind(self.iteration)
+        network, optimizer = self.networks()[role], self.optimizers[role]
+        self._set_lr(role)
+        optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            result = self.distiller.loss(batch, self.iteration, self.student_iteration)
+        result.loss.backward()
+        all_reduce_gradients(network.parameters(), self.info.world_size)
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(network.parameters(), self.cfg.optim.grad_clip)
+        optimizer.step()
+        if role == STUDENT:
+            self.ema.update(self.student, self.student_iteration)
+            self.student_iteration += 1
+        self.iteration += 1
+        return {"role": role, **result.logs}
+
+    def run(self) -> dict[str, Any]:
+        """Train to ``max_iters`` with interval saves and a final save; returns the last logs."""
+        cfg = self.cfg.train
+        latest = self.checkpoints.latest()
+        if latest is not None:
+            self.resume(latest)
+        run_dir = Path(self.cfg.run_dir)
+        metrics_file = open(run_dir / "metrics.jsonl", "a") if self.info.is_main else None
+        progress = _progress(self.iteration, cfg.max_iters, enabled=cfg.progress_bar and self.info.is_main, desc=self.cfg.name)
+        logs: dict[str, Any] = {}
+        started = time.time()
+        try:
+            while self.iteration < cfg.max_iters:
+                logs = self.step()
+                progress.update(1)
+                if self.iteration % cfg.log_every == 0 or self.iteration == cfg.max_iters:
+                    shown = {k: round(v, 4) for k, v in logs.items() if k.startswith("loss/")}
+                    progress.set_postfix(shown, refresh=False)
+                    if metrics_file:
+                        metrics_file.write(json.dumps({"iteration": self.iteration, **logs}) + "\n")
+                        metrics_file.flush()
+                if self.iteration % cfg.save_every == 0 or self.iteration == cfg.max_iters:
+                    self.save()
+        finally:
+            progress.close()
+            if metrics_file:
+                metrics_file.close()
+        if self.info.is_main:
+            log.info("finished %d iterations in %.1f s", self.iteration, time.time() - started)
+        return {"iteration": self.iteration, **logs}
+
+
+def _progress(initial: int, total: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(initial=initial, total=total, disable=not enabled, desc=desc, dynamic_ncols=True, file=sys.stderr)
+
+
+def train(cfg: Any) -> dict[str, Any]:
+    """Run (or resume) the training described by a composed config; returns the last step's logs."""
+    validate_config(cfg)
+    device = resolve_device(cfg.train.device)
+    info = init_distributed(device)
+    run_dir = Path(cfg.run_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    try:
+        return Trainer(cfg, device, info).run()
+    finally:
+        shutdown_distributed()
+
+
+def main() -> None:
+    """Hydra app: `python -m rcm.train [experiment=NAME] [key=value ...]`."""
+    import hydra
+
+    from rcm.config import register_configs
+
+    register_configs()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+
+    @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
+    def _app(cfg) -> None:
+        train(cfg)
+
+    _app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Tests of the ground-truth toy metrics on constructed sample sets whose answer is known."""
+import time
+
+import pytest
+import torch
+
+from rcm.data.metrics import toy_metrics
+from rcm.data.toy import ToyMixture, ToyMixtureConfig
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    return ToyMixture(ToyMixtureConfig())
+
+
+def _samples_at_modes(mixture, counts):
+    """Latents placed exactly at mode means: counts[k][m] copies of mode m of class k."""
+    latents, class_ids = [], []
+    for class_id, per_mode in enumerate(counts):
+        for mode, count in enumerate(per_mode):
+            latents.append(mixture.means[class_id, mode].expand(count, *mixture.config.latent_shape))
+            class_ids += [class_id] * count
+    return torch.cat(latents), torch.tensor(class_ids)
+
+
+def test_samples_at_modes_in_true_proportions_are_perfect(mixture):
+    """Samples exactly at the modes with the true weights: precision 1, recall 1, mode KL ≈ 0."""
+    counts = (mixture.weights * 1000).round().long().tolist()
+    samples, class_ids = _samples_at_modes(mixture, counts)
+    metrics = toy_metrics(samples, class_ids, mixture)
+    assert metrics["precision"] == 1.0 and metrics["recall"] == 1.0
+    assert 0 <= metrics["mode_kl"] < 1e-3
+    assert metrics["precision_per_class"] == [1.0] * 8 and metrics["num_samples"] == len(class_ids)
+
+
+def test_collapse_onto_one_mode_has_recall_one_over_modes(mixture):
+    """All samples of every class in its first mode: precision 1, recall 1/modes_per_class, large KL."""
+    samples, class_ids = _samples_at_modes(mixture, [[200, 0, 0]] * 8)
+    metrics = toy_metrics(samples, class_ids, mixture)
+    assert metrics["precision"] == 1.0
+    assert metrics["recall"] == pytest.approx(1 / 3)
+    assert metrics["mode_kl"] > 1.0
+
+
+def test_a_mode_below_the_hit_threshold_is_not_recalled(mixture):
+    """A mode gets fewer than 0.1·weight·n precise samples: it does not count as hit."""
+    weight = mixture.weights[0, 1].item()
+    below = int(0.1 * weight * 1000) - 5
+    samples, class_ids = _samples_at_modes(mixture, [[1000 - below - 400, below, 400]])
+    metrics = toy_metrics(samples, class_ids, mixture)
+    assert metrics["recall_per_class"][0] == pytest.approx(2 / 3)
+    assert metrics["recall_per_class"][1:] == [None] * 7
+    assert metrics["samples_per_class"] == [1000] + [0] * 7
+
+
+def test_far_samples_have_zero_precision(mixture):
+    """Samples far from every mode: precision 0 and recall 0."""
+    class_ids = torch.arange(8).repeat(50)
+    samples = mixture.means[class_ids, 0] + 100.0
+    metrics = toy_metrics(samples, class_ids, mixture)
+    assert metrics["precision"] == 0.0 and metrics["recall"] == 0.0
+
+
+def test_true_mixture_samples_score_well_and_fast(mixture):
+    """10k samples of the true mixture: precision > 0.99, recall 1, small KL, computed in well under a second."""
+    generator = torch.Generator().manual_seed(0)
+    class_ids = torch.randint(8, (10_000,), generator=generator)
+    samples = mixture.sample(class_ids, generator)
+    started = time.perf_counter()
+    metrics = toy_metrics(samples, class_ids, mixture)
+    elapsed = time.perf_counter() - started
+    assert metrics["precision"] > 0.99 and metrics["recall"] == 1.0 and metrics["mode_kl"] < 0.01
+    assert elapsed < 2.0
+
+
+def test_wrong_sample_shape_is_rejected(mixture):
+    """Samples whose latent shape differs from the mixture's fail with a ValueError naming the shapes."""
+    with pytest.raises(ValueError, match="shape"):
+        toy_metrics(torch.zeros(4, 4, 2, 8, 9), torch.zeros(4, dtype=torch.long), mixture)
