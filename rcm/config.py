@@ -2,6 +2,8 @@
 wrong type fails at start with the key's name; `validate_config` adds the cross-field checks."""
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -9,29 +11,10 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 
 from rcm.distill.time import TimeSamplerConfig
+from rcm.models.wan_dit import WanDiTConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 METHODS = ("flow_matching", "rcm", "scm", "dmd", "dcm")
-
-
-@dataclass
-class ModelConfig:
-    """Mirrors rcm.models.wan_dit.WanDiTConfig (kept as plain fields so Hydra can type-check them)."""
-
-    dim: int = MISSING
-    ffn_dim: int = MISSING
-    freq_dim: int = MISSING
-    text_dim: int = MISSING
-    text_len: int = MISSING
-    num_heads: int = MISSING
-    num_layers: int = MISSING
-    in_channels: int = 16
-    out_channels: int = 16
-    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
-    qk_norm: bool = True
-    cross_attn_norm: bool = True
-    eps: float = 1e-6
-    attention_backend: str = "auto"
 
 
 @dataclass
@@ -100,7 +83,7 @@ class RCMConfig:
 
     name: str = "run"
     run_dir: str = "runs/${name}"
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: WanDiTConfig = MISSING
     data: DataConfig = field(default_factory=DataConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -118,8 +101,22 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key."""
 
 
+def check_known_keys(node: Any, schema: type, prefix: str = "") -> None:
+    """Reject keys the schema does not define (Hydra's `+key=value` would otherwise slip them in)."""
+    known = {f.name: f.type for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    for key in node.keys():
+        if key not in known:
+            raise ConfigError(f"unknown config key '{prefix}{key}' (valid keys here: {', '.join(sorted(known))})")
+        child_type = hints.get(key)
+        if dataclasses.is_dataclass(child_type) and OmegaConf.is_dict(node[key]):
+            check_known_keys(node[key], child_type, f"{prefix}{key}.")
+
+
 def validate_config(cfg: Any) -> None:
     """Cross-field checks that a schema cannot express; raises ConfigError with one sentence."""
+    if OmegaConf.is_config(cfg):
+        check_known_keys(cfg, RCMConfig)
     distill, train, data = cfg.distill, cfg.train, cfg.data
     if distill.method not in METHODS:
         raise ConfigError(f"distill.method must be one of {', '.join(METHODS)}, got '{distill.method}'")

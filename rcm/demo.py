@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from rcm.config import load_config
-from rcm.data.toy import ToyMixture, ToyMixtureConfig
+from rcm.data.toy import ToyMixture, ToyMixtureConfig, build_toy_dataset
 from rcm.evaluate import generate_toy_samples, load_network, markdown_table, summarize
 from rcm.data.metrics import toy_metrics
 from rcm.plots import plot_toy_samples
@@ -28,8 +28,6 @@ log = logging.getLogger("rcm.demo")
 
 def build_data(out: Path, num_samples: int) -> Path:
     """Write the toy shards once (skipped when they are already complete)."""
-    from tools.build_toy_dataset import build_toy_dataset
-
     data_dir = out / "toy_data"
     if (data_dir / "ground_truth.pt").is_file() and any(data_dir.glob("shard-*.tar")):
         return data_dir

@@ -70,6 +70,9 @@ class Trainer:
 
     def __init__(self, cfg: Any, device: torch.device, info: DistributedInfo):
         self.cfg, self.device, self.info = cfg, device, info
+        if info.is_main:  # the resolved config beside the checkpoints: evaluation reads it from here
+            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         distill, optim = cfg.distill, cfg.optim
         torch.manual_seed(cfg.train.seed)  # identical initialization on every rank
         self.student = build_network(cfg.model).to(device)
@@ -106,6 +109,7 @@ class Trainer:
         self.distiller = Distiller(distill, self.student, self.teacher, self.fake_score, self.negative_embedding, self.generator)
         self.iteration = 0
         self.student_iteration = 0
+        self.skipped_steps = 0
         self.checkpoints = CheckpointManager(Path(cfg.run_dir) / "checkpoints", info, cfg.train.keep_last)
 
     def networks(self) -> dict[str, torch.nn.Module]:
@@ -175,14 +179,18 @@ class Trainer:
             result = self.distiller.loss(batch, self.iteration, self.student_iteration)
         result.loss.backward()
         all_reduce_gradients(network.parameters(), self.info.world_size)
-        if self.cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(network.parameters(), self.cfg.optim.grad_clip)
-        optimizer.step()
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), max_norm)
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+        else:  # a NaN that the loss guards could not stop (e.g. inside the network): skip, don't poison Adam
+            self.skipped_steps += 1
+            log.warning("iteration %d: non-finite %s gradient norm, update skipped", self.iteration, role)
         if role == STUDENT:
             self.ema.update(self.student, self.student_iteration)
             self.student_iteration += 1
         self.iteration += 1
-        return {"role": role, **result.logs}
+        return {"role": role, "grad_norm": float(grad_norm), **result.logs}
 
     def run(self) -> dict[str, Any]:
         """Train to ``max_iters`` with interval saves and a final save; returns the last logs."""
@@ -227,10 +235,6 @@ def train(cfg: Any) -> dict[str, Any]:
     validate_config(cfg)
     device = resolve_device(cfg.train.device)
     info = init_distributed(device)
-    run_dir = Path(cfg.run_dir)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     try:
         return Trainer(cfg, device, info).run()
     finally:

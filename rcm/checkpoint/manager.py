@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ import torch.distributed.checkpoint as dcp
 from rcm.parallel.distributed import DistributedInfo, barrier
 
 log = logging.getLogger(__name__)
+# DCP warns on every single-process save/load; single-process is a supported mode here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 COMPLETE_MARKER = "COMPLETE"
 _CHECKPOINT_NAME = re.compile(r"^iter_(\d{9})$")
 

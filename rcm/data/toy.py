@@ -187,14 +187,17 @@ def build_toy_dataset(
     """Write toy shards plus `ground_truth.pt` and `negative_embedding.pt` into `out_dir`; returns the shard paths.
 
     Shards left by an earlier build in `out_dir` are removed first, so the directory holds exactly this data set.
+    `ground_truth.pt` is written last: its presence marks a complete data set.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / GROUND_TRUTH_FILE).unlink(missing_ok=True)
     for stale in out_dir.glob(SHARD_NAME.replace("{:06d}", "*")):
         stale.unlink()
     mixture = ToyMixture(mixture_config)
-    mixture.save(out_dir / GROUND_TRUTH_FILE)
+    shards = write_toy_shards(mixture, out_dir, num_samples, samples_per_shard, seed)
     torch.save(mixture.negative_embedding, out_dir / NEGATIVE_EMBEDDING_FILE)
-    return write_toy_shards(mixture, out_dir, num_samples, samples_per_shard, seed)
+    mixture.save(out_dir / GROUND_TRUTH_FILE)
+    return shards

@@ -108,7 +108,7 @@ class Distiller:
             context = torch.where(drop[:, None, None], negative, context)
         s = sample_rf_time(_sampler(self.cfg.flow_matching_time), x0.shape[0], self.generator, x0.device)
         loss = flow_matching_loss(self.student, x0, self._randn_like(x0), s, context)
-        return StepResult(loss, {"loss/flow_matching": float(loss)})
+        return StepResult(loss, {"loss/flow_matching": loss.item()})
 
     def _student_step(self, batch, iteration: int, student_iteration: int) -> StepResult:
         c = self.cfg
@@ -117,7 +117,7 @@ class Distiller:
         logs: dict[str, float] = {}
         if self.method == "dcm":
             total = total + self._dcm_loss(x0, context)
-            logs["loss/dcm"] = float(total)
+            logs["loss/dcm"] = total.item()
         elif uses_scm(self.method, c.loss_scale):
             t = self._trig_time(c.scm_time, x0.shape[0], x0.device)
             noise = self._randn_like(x0)
@@ -126,13 +126,13 @@ class Distiller:
                 self.student, x0, noise, t, context, teacher_x0, iteration, c.tangent_warmup, c.loss_scale
             )
             total = total + out.loss
-            logs.update({"loss/scm": float(out.loss), "scm/nonfinite": out.num_nonfinite, "scm/g_norm": out.g_norm})
+            logs.update({"loss/scm": out.loss.item(), "scm/nonfinite": out.num_nonfinite, "scm/g_norm": out.g_norm})
         if dmd_active(iteration, self.method, c.tangent_warmup, c.loss_scale_dmd):
             generated = self._generate(x0, context, student_iteration, with_grad=True)
             fake_x0, real_x0, _ = self._critic_targets(generated, context, need_real=True)
             out = dmd.dmd_loss(generated, fake_x0, real_x0, c.loss_scale_dmd)
             total = total + out.loss
-            logs.update({"loss/dmd": float(out.loss), "dmd/nonfinite": out.num_nonfinite})
+            logs.update({"loss/dmd": out.loss.item(), "dmd/nonfinite": out.num_nonfinite})
         return StepResult(total, logs)
 
     def _fake_score_step(self, batch, student_iteration: int) -> StepResult:
@@ -141,7 +141,7 @@ class Distiller:
             generated = self._generate(x0, context, student_iteration, with_grad=False)
         fake_x0, _, t = self._critic_targets(generated, context, need_real=False, fake_with_grad=True)
         loss = dmd.fake_score_loss(generated, fake_x0, t)
-        return StepResult(loss, {"loss/fake_score": float(loss)})
+        return StepResult(loss, {"loss/fake_score": loss.item()})
 
     def _generate(self, like: torch.Tensor, context, student_iteration: int, with_grad: bool) -> torch.Tensor:
         c = self.cfg

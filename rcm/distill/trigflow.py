@@ -34,8 +34,10 @@ def trigflow_coefficients(t: torch.Tensor) -> TrigFlowCoefficients:
 
 
 def per_sample(coefficient_B: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Reshape a (B,) coefficient to broadcast over a (B, ...) tensor, in that tensor's dtype."""
-    return coefficient_B.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+    """Reshape a (B,) coefficient (or boolean mask) to broadcast over a (B, ...) tensor, in that tensor's dtype."""
+    if coefficient_B.dtype != torch.bool:
+        coefficient_B = coefficient_B.to(like.dtype)
+    return coefficient_B.reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def denoise(network: FlowNetwork, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

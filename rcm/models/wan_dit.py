@@ -53,7 +53,8 @@ class WanDiTConfig:
         if patch_ok:
             self.patch_size = tuple(patch)
         else:
-            problems.append(f"patch_size must be three positive integers (frames, height, width), got {self.patch_size!r}.")
+            problems.append(
+                f"patch_size must be three positive integers (frames, height, width), got {self.patch_size!r}.")
         if not problems:
             if self.freq_dim % 2:
                 problems.append(f"freq_dim must be even (cos and sin halves), got {self.freq_dim}.")
@@ -127,9 +128,14 @@ def apply_rope(x_BLHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 
 
 def _linear_in_dtype(layer: nn.Linear, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`layer(x)` with input and weights cast to `dtype` (Wan runs the time path and head in float32)."""
+    """`layer(x)` with input and weights cast to `dtype`, even under autocast.
+
+    Wan runs the time path and the head inside float32 autocast regions: the timestep's small
+    differences (and their JVP tangents) would be lost in bfloat16.
+    """
     bias = None if layer.bias is None else layer.bias.to(dtype)
-    return F.linear(x.to(dtype), layer.weight.to(dtype), bias)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return F.linear(x.to(dtype), layer.weight.to(dtype), bias)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -145,10 +151,10 @@ class WanRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalize x (…, dim) and scale it by the weight; keeps x's dtype."""
+        """Normalize x (…, dim) and scale it by the weight; keeps x's dtype (q, k and v must share one)."""
         wide = x.to(torch.promote_types(x.dtype, torch.float32))
         normalized = wide * torch.rsqrt(wide.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return normalized.to(x.dtype) * self.weight
+        return (normalized * self.weight.to(wide.dtype)).to(x.dtype)
 
 
 class WanLayerNorm(nn.LayerNorm):
@@ -347,7 +353,8 @@ class WanDiT(nn.Module):
         """Raise one clear sentence when the inputs do not fit this model's configuration."""
         config = self.config
         if x_BCTHW.dim() != 5 or x_BCTHW.shape[1] != config.in_channels:
-            raise ValueError(f"WanDiT expects x of shape (B, {config.in_channels}, T, H, W); got {tuple(x_BCTHW.shape)}.")
+            raise ValueError(
+                f"WanDiT expects x of shape (B, {config.in_channels}, T, H, W); got {tuple(x_BCTHW.shape)}.")
         if any(size % patch for size, patch in zip(x_BCTHW.shape[2:], config.patch_size)):
             raise ValueError(f"WanDiT needs T, H, W of x {tuple(x_BCTHW.shape[2:])} divisible by patch_size "
                              f"{config.patch_size}; crop or pad the latent.")

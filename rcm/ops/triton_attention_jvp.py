@@ -88,7 +88,7 @@ def _attention_jvp_forward_kernel(
     s_ob, s_on, s_oh, s_odb, s_odn, s_odh,
     n_heads, n_queries, n_keys, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_TANGENT: tl.constexpr, USE_TMA: tl.constexpr,
+    HAS_TANGENT: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     """Grid (query blocks, B·H): O, Ȯ (if HAS_TANGENT) and LSE for one query block of one head."""
     pid_m = tl.program_id(0)
@@ -137,7 +137,7 @@ def _attention_jvp_forward_kernel(
     acc_tangent = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     n_full = (n_keys // BLOCK_N) * BLOCK_N
-    for col_start in range(0, n_full, BLOCK_N):
+    for col_start in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         if USE_TMA:
             k = k_desc.load([col_start, 0])
             v = v_desc.load([col_start, 0])
@@ -218,6 +218,7 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     use_tma: bool
+    warp_specialize: bool = False
 
 
 # Chosen from bench/attention_jvp.py sweeps on H100 (docs/attention_jvp_notes.md); keyed by
@@ -311,11 +312,12 @@ def _resolve_scale(scale, head_dim: int) -> float:
 
 
 def _forward(q, k, v, q_dot=None, k_dot=None, v_dot=None, scale=None, *, config: KernelConfig | None = None,
-             out=None, out_dot=None, lse=None):
+             out=None, out_dot=None, lse=None, launch_info: dict | None = None):
     """Launch the forward kernel; returns (out, out_dot or None, lse (B, H, Nq) float32).
 
     `config` overrides the tile table (benchmarks, tests); `out`, `out_dot`, `lse` let tests pass
-    poisoned buffers to check that every element is written.
+    poisoned buffers to check that every element is written; `launch_info` receives the compiled
+    kernel (registers, spills) for benchmarks.
     """
     has_tangent = q_dot is not None
     if has_tangent and (k_dot is None or v_dot is None):
@@ -343,7 +345,7 @@ def _forward(q, k, v, q_dot=None, k_dot=None, v_dot=None, scale=None, *, config:
         out_dot_arg = out_dot
 
     grid = (triton.cdiv(n_queries, config.block_m), batch * n_heads)
-    _attention_jvp_forward_kernel[grid](
+    compiled = _attention_jvp_forward_kernel[grid](
         q, k, v, q_dot, k_dot, v_dot, out, out_dot_arg, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -353,9 +355,11 @@ def _forward(q, k, v, q_dot=None, k_dot=None, v_dot=None, scale=None, *, config:
         out_dot_arg.stride(0), out_dot_arg.stride(1), out_dot_arg.stride(2),
         n_heads, n_queries, n_keys, scale,
         HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        HAS_TANGENT=has_tangent, USE_TMA=use_tma,
+        HAS_TANGENT=has_tangent, USE_TMA=use_tma, WARP_SPECIALIZE=config.warp_specialize,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
+    if launch_info is not None:
+        launch_info.update(kernel=compiled, use_tma=use_tma, config=config)
     return out, (out_dot if has_tangent else None), lse
 
 

@@ -103,7 +103,9 @@ def test_jvp_matches_central_finite_difference(tiny_model):
     run = lambda x_, t_: tiny_model(x_, t_, context)  # noqa: E731
     _, tangent = torch.func.jvp(run, (x, timestep), (x_tangent, t_tangent))
     h = 1e-5
-    finite = (run(x + h * x_tangent, timestep + h * t_tangent) - run(x - h * x_tangent, timestep - h * t_tangent)) / (2 * h)
+    forward_step = run(x + h * x_tangent, timestep + h * t_tangent)
+    backward_step = run(x - h * x_tangent, timestep - h * t_tangent)
+    finite = (forward_step - backward_step) / (2 * h)
     assert relative_error(tangent, finite) < 1e-6
 
 
@@ -120,22 +122,38 @@ def test_forward_ad_matches_func_jvp(tiny_model):
 
 
 def test_forward_ad_primal_backpropagates_to_parameters(tiny_model):
-    """Backward through the primal of a forward-AD pass gives the gradients of a plain forward/backward."""
+    """Backward through the primal of a forward-AD pass (dual tensors or torch.func.jvp) gives the
+    gradients of a plain forward/backward.
+
+    The backward runs after the dual level closes: torch has no forward-AD formula for some backward
+    ops (silu_backward), so a backward inside the dual level fails in torch itself.
+    """
     x, timestep, context = tiny_inputs()
     weights = torch.randn_like(x)
 
-    tiny_model.zero_grad()
-    (tiny_model(x, timestep, context) * weights).sum().backward()
-    plain = {name: p.grad.clone() for name, p in tiny_model.named_parameters()}
+    def parameter_grads(output_of_model):
+        tiny_model.zero_grad()
+        (output_of_model() * weights).sum().backward()
+        grads = {name: p.grad.clone() for name, p in tiny_model.named_parameters()}
+        tiny_model.zero_grad()
+        return grads
 
-    tiny_model.zero_grad()
-    with fwAD.dual_level():
-        out = tiny_model(fwAD.make_dual(x, torch.randn_like(x)),
-                         fwAD.make_dual(timestep, torch.ones_like(timestep)), context)
-        (fwAD.unpack_dual(out).primal * weights).sum().backward()
-    for name, p in tiny_model.named_parameters():
-        assert relative_error(p.grad, plain[name]) < 1e-10, name
-    tiny_model.zero_grad()
+    def through_dual_tensors():
+        with fwAD.dual_level():
+            out = tiny_model(fwAD.make_dual(x, torch.randn_like(x)),
+                             fwAD.make_dual(timestep, torch.ones_like(timestep)), context)
+            return fwAD.unpack_dual(out).primal
+
+    def through_func_jvp():
+        primal, _ = torch.func.jvp(lambda x_, t_: tiny_model(x_, t_, context), (x, timestep),
+                                   (torch.randn_like(x), torch.ones_like(timestep)))
+        return primal
+
+    plain = parameter_grads(lambda: tiny_model(x, timestep, context))
+    for forward_ad_pass in (through_dual_tensors, through_func_jvp):
+        grads = parameter_grads(forward_ad_pass)
+        for name, grad in grads.items():
+            assert relative_error(grad, plain[name]) < 1e-10, (forward_ad_pass.__name__, name)
 
 
 def test_float32_model_runs_under_jvp(tiny_model):
@@ -166,7 +184,8 @@ def test_rope_equals_wan_complex_rotation():
     c = head_dim // 2
     tables = []
     for axis_dim in (head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6)):
-        angles = torch.outer(torch.arange(16, dtype=F64), 1.0 / 10000 ** (torch.arange(0, axis_dim, 2, dtype=F64) / axis_dim))
+        inverse_frequency = 1.0 / 10000 ** (torch.arange(0, axis_dim, 2, dtype=F64) / axis_dim)
+        angles = torch.outer(torch.arange(16, dtype=F64), inverse_frequency)
         tables.append(torch.polar(torch.ones_like(angles), angles))
     frames, rows, cols = torch.cat(tables, dim=1).split([c - 2 * (c // 3), c // 3, c // 3], dim=1)
     f, h, w = grid
@@ -204,3 +223,18 @@ def test_bad_inputs_fail_with_clear_errors(tiny_model):
         tiny_model(x, timestep[0], context)
     with pytest.raises(ValueError, match="more than text_len=8"):
         tiny_model(x, timestep, torch.zeros(2, 9, 32, dtype=F64))
+
+
+def test_bfloat16_autocast_keeps_time_path_and_head_wide(tiny_model):
+    """Under bfloat16 autocast (and its JVP) the model runs, returns float32 and stays near the float32 result."""
+    model32 = build_wan_dit(tiny_model.config)
+    model32.load_state_dict(tiny_model.state_dict())
+    x, timestep, context = (t.float() for t in tiny_inputs())
+    run = lambda x_, t_: model32(x_, t_, context)  # noqa: E731
+    tangents = (torch.randn_like(x), torch.ones_like(timestep))
+    reference, reference_tangent = torch.func.jvp(run, (x, timestep), tangents)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, tangent = torch.func.jvp(run, (x, timestep), tangents)
+    assert out.dtype == tangent.dtype == torch.float32
+    assert relative_error(out, reference) < 3e-2
+    assert relative_error(tangent, reference_tangent) < 3e-2
