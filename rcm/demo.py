@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         args.num_samples = min(args.num_samples, 256)
         args.samples_per_class = min(args.samples_per_class, 16)
         args.teacher_steps = min(args.teacher_steps, 8)
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # run configs record absolute data paths
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
 

@@ -190,7 +190,7 @@ class Trainer:
             self.ema.update(self.student, self.student_iteration)
             self.student_iteration += 1
         self.iteration += 1
-        return {"role": role, "grad_norm": float(grad_norm), **result.logs}
+        return {"role": role, f"grad_norm/{role}": float(grad_norm), **result.logs}
 
     def run(self) -> dict[str, Any]:
         """Train to ``max_iters`` with interval saves and a final save; returns the last logs."""
@@ -205,7 +205,7 @@ class Trainer:
         started = time.time()
         try:
             while self.iteration < cfg.max_iters:
-                logs = self.step()
+                logs.update(self.step())  # keeps the latest value of every network's numbers
                 progress.update(1)
                 if self.iteration % cfg.log_every == 0 or self.iteration == cfg.max_iters:
                     shown = {k: round(v, 4) for k, v in logs.items() if k.startswith("loss/")}
