@@ -4,18 +4,22 @@ Math (rcm_spec.md §6). For O = softmax(S)·V with S = s·QKᵀ and tangents (Q�
     Ṡ = s·(Q̇Kᵀ + QK̇ᵀ),   Ȯ = P·V̇ + (P⊙Ṡ)·V − diag(rowsum(P⊙Ṡ))·O.
 One pass over the keys keeps, per query block, the running max m, the row sum l, Õ = P̃V,
 T̃ = P̃V̇ + (P̃⊙Ṡ)V (the spec's Ã + B̃ in one accumulator: both end up divided by l and added,
-so summing them early saves a whole 128-column fp32 accumulator per row) and r̃ = rowsum(P̃⊙Ṡ);
+so summing them early saves a whole D-column fp32 accumulator per row) and r̃ = rowsum(P̃⊙Ṡ);
 all four are rescaled by the running-max correction. The epilogue writes
 O = Õ/l, Ȯ = T̃/l − (r̃/l)·O and the natural-log log-sum-exp that the backward needs.
+In bf16 the kernel usually skips the rescaling altogether: after the first key block it checks
+(Cauchy-Schwarz on the row norms) that no later score can exceed the running max by 2^64, and
+then keeps that max fixed (see `_online_jvp_step`). docs/attention_jvp_notes.md has the history.
 
 Layout is the model's (B, N, H, D) = [batch, sequence, heads, head_dim]; any strides with a unit
 last stride are read in place. The backward of the primal (dQ, dK, dV through O only) is
-PyTorch's fused flash-attention backward fed our O and log-sum-exp.
+PyTorch's cuDNN (default) or FlashAttention-2 backward fed our O and log-sum-exp.
 
 Public surface:
     attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale=None) -> (out, out_dot)
     attention(q, k, v, scale=None) -> out        # forward/backward/jvp via TritonAttention
     TritonAttentionWithTangent, TritonAttention  # the autograd.Functions behind them
+    primal_backward(...)                         # dQ, dK, dV from O and LSE
 
 CPU testing: with TRITON_INTERPRET=1 set before triton is imported the same kernels run on CPU
 tensors in float32 (bf16 is not exact under the interpreter, so it is refused there).
@@ -29,9 +33,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-
-LOG2_E = 1.4426950408889634
-LN_2 = 0.6931471805599453
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 GPU_DTYPES = (torch.bfloat16, torch.float16)
@@ -91,14 +92,16 @@ def _load_key_block(
 def _online_jvp_step(
     q, q_dot, k, k_dot, v, v_dot,
     m_i, l_i, r_i, acc_out, acc_tangent,
-    qk_scale_log2, scale, col_start, n_keys,
-    HAS_TANGENT: tl.constexpr, MASK_COLUMNS: tl.constexpr, BLOCK_N: tl.constexpr, FIXED_MAX: tl.constexpr,
+    qk_scale_log2, scale, col_start, n_keys, keep_max,
+    HAS_TANGENT: tl.constexpr, MASK_COLUMNS: tl.constexpr, BLOCK_N: tl.constexpr, MAY_KEEP_MAX: tl.constexpr,
+    TANGENTS_PRESCALED: tl.constexpr,
 ):
     """One key block of the online softmax with tangent; returns the updated running state.
 
-    FIXED_MAX keeps the running max m_i as it is (the caller has proved that no score exceeds
-    it by more than 2^64, which bf16 and fp32 hold exactly): no row max, no rescaling of the
-    accumulators, a third of the per-score arithmetic gone.
+    With MAY_KEEP_MAX and a true `keep_max` (uniform over the program) the running max m_i stays
+    as it is: the caller has proved that no score exceeds it by more than 2^64, which bf16 and
+    fp32 hold exactly. That drops the row max, the correction factor and the rescaling of both
+    accumulators, about a third of the arithmetic per score.
     """
     k_t = tl.trans(k)
     scores = tl.dot(q, k_t)
@@ -110,13 +113,27 @@ def _online_jvp_step(
     if MASK_COLUMNS:
         cols = col_start + tl.arange(0, BLOCK_N)
         scores = tl.where((cols < n_keys)[None, :], scores, float("-inf"))
-    # The softmax runs in base 2 with s·log2(e) folded into one multiply-add per score.
-    if FIXED_MAX:
+    if MAY_KEEP_MAX:
+        if not keep_max:
+            m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale_log2)
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            acc_out = acc_out * alpha[:, None]
+            if HAS_TANGENT:
+                r_i = r_i * alpha
+                acc_tangent = acc_tangent * alpha[:, None]
+            m_i = m_new
+        # The softmax runs in base 2 with s·log2(e) folded into one multiply-add per score.
         p = tl.math.exp2(scores * qk_scale_log2 - m_i[:, None])
         l_i = l_i + tl.sum(p, 1)
         p_low = p.to(v.dtype)
         acc_out = tl.dot(p_low, v, acc_out)
-        m_new = m_i
+        if HAS_TANGENT:
+            # Masked key rows were loaded as zeros, so Ṡ stays finite there and p = 0 removes them.
+            weighted = p * score_dot if TANGENTS_PRESCALED else p * (score_dot * scale)
+            r_i = r_i + tl.sum(weighted, 1)
+            acc_tangent = tl.dot(p_low, v_dot, acc_tangent)
+            acc_tangent = tl.dot(weighted.to(v.dtype), v, acc_tangent)
     else:
         m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale_log2)
         p = tl.math.exp2(scores * qk_scale_log2 - m_new[:, None])
@@ -124,17 +141,13 @@ def _online_jvp_step(
         l_i = l_i * alpha + tl.sum(p, 1)
         p_low = p.to(v.dtype)
         acc_out = tl.dot(p_low, v, acc_out * alpha[:, None])
-    if HAS_TANGENT:
-        # Masked key rows were loaded as zeros, so Ṡ stays finite there and p = 0 removes them.
-        weighted = p * (score_dot * scale)
-        if FIXED_MAX:
-            r_i = r_i + tl.sum(weighted, 1)
-            acc_tangent = tl.dot(p_low, v_dot, acc_tangent)
-        else:
+        if HAS_TANGENT:
+            weighted = p * score_dot if TANGENTS_PRESCALED else p * (score_dot * scale)
             r_i = r_i * alpha + tl.sum(weighted, 1)
             acc_tangent = tl.dot(p_low, v_dot, acc_tangent * alpha[:, None])
-        acc_tangent = tl.dot(weighted.to(v.dtype), v, acc_tangent)
-    return m_new, l_i, r_i, acc_out, acc_tangent
+            acc_tangent = tl.dot(weighted.to(v.dtype), v, acc_tangent)
+        m_i = m_new
+    return m_i, l_i, r_i, acc_out, acc_tangent
 
 
 @triton.jit
@@ -147,6 +160,7 @@ def _attention_jvp_forward_kernel(
     n_heads, n_queries, n_keys, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_TANGENT: tl.constexpr, USE_TMA: tl.constexpr, TRY_FIXED_MAX: tl.constexpr,
+    TANGENTS_PRESCALED: tl.constexpr,
 ):
     """Grid (query blocks, B·H): O, Ȯ (if HAS_TANGENT) and LSE for one query block of one head."""
     pid_m = tl.program_id(0)
@@ -200,9 +214,9 @@ def _attention_jvp_forward_kernel(
     acc_tangent = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     n_full = (n_keys // BLOCK_N) * BLOCK_N
+    keep_max = n_full < 0
+    loop_start = n_full * 0
     if TRY_FIXED_MAX:
-        fixed_max = n_full < 0
-        loop_start = n_full * 0
         if n_full > 0:
             # The first block sets each row's running max m. By Cauchy-Schwarz no later score
             # exceeds bound = s·log2(e)·|q_i|·max_j|k_j|; if bound − m < 64 on every row of this
@@ -212,35 +226,18 @@ def _attention_jvp_forward_kernel(
                 s_kn, s_vn, s_kdn, s_vdn, 0, n_keys, HEAD_DIM, BLOCK_N, HAS_TANGENT, USE_TMA, False)
             m_i, l_i, r_i, acc_out, acc_tangent = _online_jvp_step(
                 q, q_dot, k, k_dot, v, v_dot, m_i, l_i, r_i, acc_out, acc_tangent,
-                qk_scale_log2, scale, 0, n_keys, HAS_TANGENT, False, BLOCK_N, False)
+                qk_scale_log2, scale, 0, n_keys, keep_max, HAS_TANGENT, False, BLOCK_N, False, TANGENTS_PRESCALED)
             loop_start = n_full * 0 + BLOCK_N
             q_norm = tl.load(q_norm_ptr + pid_bh.to(tl.int64) * n_queries + rows, mask=row_ok, other=0.0)
             bound = qk_scale_log2 * q_norm * tl.load(k_norm_max_ptr + pid_bh)
-            fixed_max = tl.max(bound - m_i, 0) < 64.0
-        if fixed_max:
-            for col_start in range(loop_start, n_full, BLOCK_N):
-                k, k_dot, v, v_dot = _load_key_block(
-                    k_desc, v_desc, k_dot_desc, v_dot_desc, k_base, v_base, k_dot_base, v_dot_base,
-                    s_kn, s_vn, s_kdn, s_vdn, col_start, n_keys, HEAD_DIM, BLOCK_N, HAS_TANGENT, USE_TMA, False)
-                m_i, l_i, r_i, acc_out, acc_tangent = _online_jvp_step(
-                    q, q_dot, k, k_dot, v, v_dot, m_i, l_i, r_i, acc_out, acc_tangent,
-                    qk_scale_log2, scale, col_start, n_keys, HAS_TANGENT, False, BLOCK_N, True)
-        else:
-            for col_start in range(loop_start, n_full, BLOCK_N):
-                k, k_dot, v, v_dot = _load_key_block(
-                    k_desc, v_desc, k_dot_desc, v_dot_desc, k_base, v_base, k_dot_base, v_dot_base,
-                    s_kn, s_vn, s_kdn, s_vdn, col_start, n_keys, HEAD_DIM, BLOCK_N, HAS_TANGENT, USE_TMA, False)
-                m_i, l_i, r_i, acc_out, acc_tangent = _online_jvp_step(
-                    q, q_dot, k, k_dot, v, v_dot, m_i, l_i, r_i, acc_out, acc_tangent,
-                    qk_scale_log2, scale, col_start, n_keys, HAS_TANGENT, False, BLOCK_N, False)
-    else:
-        for col_start in range(0, n_full, BLOCK_N):
-            k, k_dot, v, v_dot = _load_key_block(
-                k_desc, v_desc, k_dot_desc, v_dot_desc, k_base, v_base, k_dot_base, v_dot_base,
-                s_kn, s_vn, s_kdn, s_vdn, col_start, n_keys, HEAD_DIM, BLOCK_N, HAS_TANGENT, USE_TMA, False)
-            m_i, l_i, r_i, acc_out, acc_tangent = _online_jvp_step(
-                q, q_dot, k, k_dot, v, v_dot, m_i, l_i, r_i, acc_out, acc_tangent,
-                qk_scale_log2, scale, col_start, n_keys, HAS_TANGENT, False, BLOCK_N, False)
+            keep_max = tl.max(bound - m_i, 0) < 64.0
+    for col_start in range(loop_start, n_full, BLOCK_N):
+        k, k_dot, v, v_dot = _load_key_block(
+            k_desc, v_desc, k_dot_desc, v_dot_desc, k_base, v_base, k_dot_base, v_dot_base,
+            s_kn, s_vn, s_kdn, s_vdn, col_start, n_keys, HEAD_DIM, BLOCK_N, HAS_TANGENT, USE_TMA, False)
+        m_i, l_i, r_i, acc_out, acc_tangent = _online_jvp_step(
+            q, q_dot, k, k_dot, v, v_dot, m_i, l_i, r_i, acc_out, acc_tangent,
+            qk_scale_log2, scale, col_start, n_keys, keep_max, HAS_TANGENT, False, BLOCK_N, TRY_FIXED_MAX, TANGENTS_PRESCALED)
 
     if n_full < n_keys:
         # Tail block: only here do the scores pay for a column mask (and a max update).
@@ -249,7 +246,7 @@ def _attention_jvp_forward_kernel(
             s_kn, s_vn, s_kdn, s_vdn, n_full, n_keys, HEAD_DIM, BLOCK_N, HAS_TANGENT, USE_TMA, True)
         m_i, l_i, r_i, acc_out, acc_tangent = _online_jvp_step(
             q, q_dot, k, k_dot, v, v_dot, m_i, l_i, r_i, acc_out, acc_tangent,
-            qk_scale_log2, scale, n_full, n_keys, HAS_TANGENT, True, BLOCK_N, False)
+            qk_scale_log2, scale, n_full, n_keys, keep_max, HAS_TANGENT, True, BLOCK_N, False, TANGENTS_PRESCALED)
 
     inv_l = 1.0 / l_i
     out = acc_out * inv_l[:, None]
@@ -278,15 +275,18 @@ class KernelConfig:
     num_stages: int
     use_tma: bool
     fixed_max: bool = True  # bf16/fp32 only: skip rescaling once the first block bounds every score
+    prescale_tangents: bool = False  # pass scale·Q̇, scale·K̇ (one copy each) to save a multiply per score
 
 
-# Chosen from bench/attention_jvp.py sweeps on H100 (docs/attention_jvp_notes.md); keyed by
-# (head_dim, has_tangent).
+# Chosen from bench/attention_jvp.py sweeps on an H100 with triton 3.6 (docs/attention_jvp_notes.md);
+# keyed by (head_dim, has_tangent). With the tangent, one warpgroup per 64 query rows and three
+# stages of K, K̇, V, V̇ tiles beat two lock-stepped warpgroups per 128 rows; pre-scaled tangents
+# paid off at head_dim 128 (596 against 561 TFLOP/s) and not at 64.
 DEFAULT_CONFIGS = {
-    (128, True): KernelConfig(128, 64, 8, 2, True),
-    (128, False): KernelConfig(128, 64, 8, 3, True),
-    (64, True): KernelConfig(128, 64, 8, 3, True),
-    (64, False): KernelConfig(128, 64, 8, 3, True),
+    (128, True): KernelConfig(64, 64, 4, 3, True, prescale_tangents=True),
+    (128, False): KernelConfig(128, 64, 8, 3, True, fixed_max=False),
+    (64, True): KernelConfig(64, 64, 4, 3, True),
+    (64, False): KernelConfig(128, 64, 8, 3, True, fixed_max=False),
 }
 INTERPRETER_CONFIG = KernelConfig(32, 16, 4, 1, False)
 
@@ -333,6 +333,9 @@ def _check_inputs(q, k, v, q_dot=None, k_dot=None, v_dot=None) -> None:
         if tangent is not None and tangent.shape != primal.shape:
             raise ValueError(f"triton attention JVP: {name} has shape {tuple(tangent.shape)}, "
                              f"its primal has {tuple(primal.shape)}; they must match")
+    if n_queries == 0 or k.shape[1] == 0:
+        raise ValueError(f"triton attention JVP: empty sequence (q {tuple(q.shape)}, k {tuple(k.shape)}); "
+                         "attention needs at least one query and one key")
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"triton attention JVP: head_dim {head_dim} is not supported; use one of "
                          f"{SUPPORTED_HEAD_DIMS} or the math backend")
@@ -376,7 +379,8 @@ def _forward(q, k, v, q_dot=None, k_dot=None, v_dot=None, scale=None, *, config:
 
     `config` overrides the tile table (benchmarks, tests); `out`, `out_dot`, `lse` let tests pass
     poisoned buffers to check that every element is written; `launch_info` receives the compiled
-    kernel (registers, spills) for benchmarks.
+    kernel (registers, spills) for benchmarks. With `config.prescale_tangents` the kernel reads
+    scale·Q̇ and scale·K̇ (two small copies) and forms P̃⊙Ṡ with one multiply per score.
     """
     has_tangent = q_dot is not None
     if has_tangent and (k_dot is None or v_dot is None):
@@ -410,6 +414,10 @@ def _forward(q, k, v, q_dot=None, k_dot=None, v_dot=None, scale=None, *, config:
     else:
         q_norm = k_norm_max = lse
 
+    prescaled = has_tangent and config.prescale_tangents
+    if prescaled:
+        q_dot, k_dot = q_dot * scale, k_dot * scale
+
     grid = (triton.cdiv(n_queries, config.block_m), batch * n_heads)
     compiled = _attention_jvp_forward_kernel[grid](
         q, k, v, q_dot, k_dot, v_dot, out, out_dot_arg, lse, q_norm, k_norm_max,
@@ -421,7 +429,7 @@ def _forward(q, k, v, q_dot=None, k_dot=None, v_dot=None, scale=None, *, config:
         out_dot_arg.stride(0), out_dot_arg.stride(1), out_dot_arg.stride(2),
         n_heads, n_queries, n_keys, scale,
         HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        HAS_TANGENT=has_tangent, USE_TMA=use_tma, TRY_FIXED_MAX=try_fixed_max,
+        HAS_TANGENT=has_tangent, USE_TMA=use_tma, TRY_FIXED_MAX=try_fixed_max, TANGENTS_PRESCALED=prescaled,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if launch_info is not None:
@@ -455,10 +463,11 @@ def _forward_op_fake(q, k, v, q_dot, k_dot, v_dot, scale):
 # Backward of the primal
 # --------------------------------------------------------------------------------------------
 
-# "flash": aten's FlashAttention-2 backward fed our O and LSE (fastest measured, see notes);
-# "cudnn": cuDNN's backward fed the same; "recompute": SDPA math under autograd (CPU / fallback).
-BACKWARD_BACKENDS = ("flash", "cudnn", "recompute")
-backward_backend = "flash"
+# "cudnn": cuDNN's SDPA backward fed our O and LSE (541 TFLOP/s on (1,12,32760,128), H100);
+# "flash": aten's FlashAttention-2 backward fed the same (315 TFLOP/s, SDPA's own flash speed);
+# "recompute": SDPA math under autograd (CPU / fallback). cuDNN falls back to flash if it refuses.
+BACKWARD_BACKENDS = ("cudnn", "flash", "recompute")
+backward_backend = "cudnn"
 
 
 def _backward_flash(grad_out, q, k, v, out, lse, scale):
@@ -493,6 +502,7 @@ def _backward_recompute(grad_out, q, k, v, out, lse, scale):
 
 def primal_backward(grad_out, q, k, v, out, lse, scale, backend: str | None = None):
     """dQ, dK, dV of O = softmax(s·QKᵀ)V in (B, N, H, D), given our saved O and LSE."""
+    backend_was_chosen = backend is not None
     backend = backend or backward_backend
     if backend not in BACKWARD_BACKENDS:
         raise ValueError(f"unknown attention backward backend {backend!r}; use one of {BACKWARD_BACKENDS}")
@@ -501,7 +511,12 @@ def primal_backward(grad_out, q, k, v, out, lse, scale, backend: str | None = No
     if q.device.type != "cuda" or backend == "recompute":
         return _backward_recompute(grad_out, q, k, v, out, lse, scale)
     if backend == "cudnn":
-        return _backward_cudnn(grad_out, q, k, v, out, lse, scale)
+        try:
+            return _backward_cudnn(grad_out, q, k, v, out, lse, scale)
+        except RuntimeError:
+            if backend_was_chosen:
+                raise
+            # cuDNN missing or refusing this shape: the flash backward takes the same inputs.
     return _backward_flash(grad_out, q, k, v, out, lse, scale)
 
 
