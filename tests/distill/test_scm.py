@@ -110,3 +110,38 @@ def test_nonfinite_samples_are_zeroed_and_counted():
     clean = scm_loss(student, x0[1:], noise[1:], t[1:], context[1:], teacher_x0[1:], 2000, 1000, 100.0)
     # The NaN sample contributes 0 to the batch mean over 3 samples.
     assert out.loss.item() == pytest.approx(clean.loss.item() * 2 / 3, rel=1e-10)
+
+
+def test_target_vanishes_for_the_exact_consistency_function():
+    """For Gaussian data N(μ, s²) the PF-ODE and its consistency function are known in closed form:
+    f(x_t, t) = μ + s·(x_t − cos t·μ)/sqrt(cos²t·s² + sin²t). A student equal to f, distilled from the
+    exact teacher E[x0|x_t], must get g = 0 (after warmup) — this checks g, the JVP and the
+    preconditioning together."""
+    from rcm.distill.time import rf_to_trig
+
+    mu, s = 0.7, 0.3
+
+    def exact_consistency(x_t, t):
+        cos_t, sin_t = torch.cos(t).view(-1, 1, 1, 1, 1), torch.sin(t).view(-1, 1, 1, 1, 1)
+        return mu + s * (x_t - cos_t * mu) / torch.sqrt(cos_t**2 * s**2 + sin_t**2)
+
+    def oracle_student(x_s, timestep, context):  # a flow network whose TrigFlow x0̂ is f
+        rf = timestep.double() / 1000
+        t = rf_to_trig(rf)
+        x_t = x_s * (torch.cos(t) + torch.sin(t)).view(-1, 1, 1, 1, 1)
+        return (x_s - exact_consistency(x_t, t)) / rf.view(-1, 1, 1, 1, 1)
+
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(4, 1, 1, 2, 2, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.2, 0.6, 1.1, 1.5], dtype=torch.float64)
+    cos_t, sin_t = torch.cos(t).view(-1, 1, 1, 1, 1), torch.sin(t).view(-1, 1, 1, 1, 1)
+    teacher_x0 = mu + cos_t * s**2 / (cos_t**2 * s**2 + sin_t**2) * (x_t - cos_t * mu)  # E[x0 | x_t]
+    teacher_velocity = (cos_t * x_t - teacher_x0) / sin_t
+    cos_sin = torch.cos(t) * torch.sin(t)
+    f_theta, df = velocity_and_tangent(oracle_student, x_t, t, cos_sin.view(-1, 1, 1, 1, 1) * teacher_velocity, cos_sin, None)
+    direction = scm_target_direction(x_t, t, f_theta, df, teacher_velocity, warmup_ratio=1.0)
+    assert direction.abs().max().item() < 1e-10
+    # ...and a slightly wrong student gets a non-zero direction.
+    wrong = lambda x_s, timestep, c: 1.01 * oracle_student(x_s, timestep, c)  # noqa: E731
+    f_wrong, df_wrong = velocity_and_tangent(wrong, x_t, t, cos_sin.view(-1, 1, 1, 1, 1) * teacher_velocity, cos_sin, None)
+    assert scm_target_direction(x_t, t, f_wrong, df_wrong, teacher_velocity, 1.0).abs().max().item() > 1e-3
