@@ -15,7 +15,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rcm.ops.attention import attention, attention_backend_names
+from rcm.models.tangent import (
+    gelu_tanh_tangent,
+    layer_norm_tangent,
+    linear_tangent,
+    modulate_tangent,
+    rms_norm_tangent,
+    silu_tangent,
+)
+from rcm.ops.attention import attention, attention_with_tangent, attention_backend_names
 
 ROPE_THETA = 10000.0
 TIME_EMBEDDING_BASE = 10000.0
@@ -127,13 +135,13 @@ def apply_rope(x_BLHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     return rotated.flatten(-2).to(x_BLHD.dtype)
 
 
-def _linear_in_dtype(layer: nn.Linear, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _linear_in_dtype(layer: nn.Linear, x: torch.Tensor, dtype: torch.dtype, with_bias: bool = True) -> torch.Tensor:
     """`layer(x)` with input and weights cast to `dtype`, even under autocast.
 
     Wan runs the time path and the head inside float32 autocast regions: the timestep's small
     differences (and their JVP tangents) would be lost in bfloat16.
     """
-    bias = None if layer.bias is None else layer.bias.to(dtype)
+    bias = None if layer.bias is None or not with_bias else layer.bias.to(dtype)
     with torch.autocast(device_type=x.device.type, enabled=False):
         return F.linear(x.to(dtype), layer.weight.to(dtype), bias)
 
@@ -156,6 +164,11 @@ class WanRMSNorm(nn.Module):
         normalized = wide * torch.rsqrt(wide.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return (normalized * self.weight.to(wide.dtype)).to(x.dtype)
 
+    def tangent(self, x: torch.Tensor, x_dot: torch.Tensor) -> torch.Tensor:
+        """The output's tangent for input x with tangent ẋ (no gradient)."""
+        wide = torch.promote_types(x.dtype, torch.float32)
+        return rms_norm_tangent(x.to(wide), x_dot.to(wide), self.eps, self.weight).to(x_dot.dtype)
+
 
 class WanLayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 or wider; returns the wide dtype (Wan's residual stream is float32)."""
@@ -169,6 +182,11 @@ class WanLayerNorm(nn.LayerNorm):
         weight = None if self.weight is None else self.weight.to(wide)
         bias = None if self.bias is None else self.bias.to(wide)
         return F.layer_norm(x.to(wide), self.normalized_shape, weight, bias, self.eps)
+
+    def tangent(self, x: torch.Tensor, x_dot: torch.Tensor) -> torch.Tensor:
+        """The output's tangent for input x with tangent ẋ (no gradient), in the wide dtype."""
+        wide = torch.promote_types(x.dtype, torch.float32)
+        return layer_norm_tangent(x.to(wide), x_dot.to(wide), self.eps, self.weight)
 
 
 class WanSelfAttention(nn.Module):
@@ -185,25 +203,44 @@ class WanSelfAttention(nn.Module):
         self.norm_q = WanRMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = WanRMSNorm(dim, eps) if qk_norm else nn.Identity()
 
-    def forward(self, x_BLD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Attend the tokens to each other; rope = (cos, sin) from `rope_cos_sin`."""
-        q = self.norm_q(self.q(x_BLD)).unflatten(-1, (self.num_heads, -1))
-        k = self.norm_k(self.k(x_BLD)).unflatten(-1, (self.num_heads, -1))
+    def forward(self, x_BLD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], x_dot: torch.Tensor | None = None):
+        """Attend the tokens to each other; rope = (cos, sin) from `rope_cos_sin`.
+
+        With a tangent ẋ, returns (out, out_dot) (see `rcm.models.tangent`)."""
+        q_in, k_in = self.q(x_BLD), self.k(x_BLD)
+        q = self.norm_q(q_in).unflatten(-1, (self.num_heads, -1))
+        k = self.norm_k(k_in).unflatten(-1, (self.num_heads, -1))
         v = self.v(x_BLD).unflatten(-1, (self.num_heads, -1))
-        out = attention(apply_rope(q, *rope), apply_rope(k, *rope), v, backend=self.attention_backend)
-        return self.o(out.flatten(2))
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if x_dot is None:
+            return self.o(attention(q, k, v, backend=self.attention_backend).flatten(2))
+        with torch.no_grad():
+            q_dot = apply_rope(self._norm_tangent(self.norm_q, q_in, linear_tangent(self.q.weight, x_dot)), *rope)
+            k_dot = apply_rope(self._norm_tangent(self.norm_k, k_in, linear_tangent(self.k.weight, x_dot)), *rope)
+            v_dot = linear_tangent(self.v.weight, x_dot).unflatten(-1, (self.num_heads, -1))
+        out, out_dot = attention_with_tangent(q, k, v, q_dot.to(q.dtype), k_dot.to(k.dtype), v_dot.to(v.dtype), backend=self.attention_backend)
+        return self.o(out.flatten(2)), linear_tangent(self.o.weight, out_dot.flatten(2))
+
+    def _norm_tangent(self, norm: nn.Module, x: torch.Tensor, x_dot: torch.Tensor) -> torch.Tensor:
+        """Tangent of the q/k norm, split into heads."""
+        tangent = norm.tangent(x, x_dot) if isinstance(norm, WanRMSNorm) else x_dot
+        return tangent.unflatten(-1, (self.num_heads, -1))
 
 
 class WanCrossAttention(WanSelfAttention):
     """Attention from the video tokens to all text tokens (no RoPE, no padding mask, as Wan T2V)."""
 
-    def forward(self, x_BLD: torch.Tensor, context_BLD: torch.Tensor) -> torch.Tensor:
-        """Attend the video tokens x to the embedded text context."""
-        q = self.norm_q(self.q(x_BLD)).unflatten(-1, (self.num_heads, -1))
+    def forward(self, x_BLD: torch.Tensor, context_BLD: torch.Tensor, x_dot: torch.Tensor | None = None):
+        """Attend the video tokens x to the embedded text context (the text has no tangent)."""
+        q_in = self.q(x_BLD)
+        q = self.norm_q(q_in).unflatten(-1, (self.num_heads, -1))
         k = self.norm_k(self.k(context_BLD)).unflatten(-1, (self.num_heads, -1))
         v = self.v(context_BLD).unflatten(-1, (self.num_heads, -1))
-        out = attention(q, k, v, backend=self.attention_backend)
-        return self.o(out.flatten(2))
+        if x_dot is None:
+            return self.o(attention(q, k, v, backend=self.attention_backend).flatten(2))
+        q_dot = self._norm_tangent(self.norm_q, q_in, linear_tangent(self.q.weight, x_dot))
+        out, out_dot = attention_with_tangent(q, k, v, q_dot.to(q.dtype), None, None, backend=self.attention_backend)
+        return self.o(out.flatten(2)), linear_tangent(self.o.weight, out_dot.flatten(2))
 
 
 class WanAttentionBlock(nn.Module):
@@ -227,8 +264,14 @@ class WanAttentionBlock(nn.Module):
         time_B6D: torch.Tensor,
         context_BLD: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-    ) -> torch.Tensor:
-        """One block on the wide (float32+) residual stream x; time_B6D is the projected time embedding."""
+        x_dot: torch.Tensor | None = None,
+        time_dot_B6D: torch.Tensor | None = None,
+    ):
+        """One block on the wide (float32+) residual stream x; time_B6D is the projected time embedding.
+
+        With tangents (ẋ, time tangent) returns (x, ẋ) for the block's output."""
+        if x_dot is not None:
+            return self._forward_with_tangent(x_BLD, time_B6D, context_BLD, rope, x_dot, time_dot_B6D)
         wide = time_B6D.dtype
         linear_dtype = self.self_attn.q.weight.dtype
         shift_attn, scale_attn, gate_attn, shift_ffn, scale_ffn, gate_ffn = (
@@ -239,6 +282,43 @@ class WanAttentionBlock(nn.Module):
         x_BLD = x_BLD + self.cross_attn(self.norm3(x_BLD).to(linear_dtype), context_BLD).to(wide)
         y = self.ffn((self.norm2(x_BLD) * (1 + scale_ffn) + shift_ffn).to(linear_dtype))
         return x_BLD + y.to(wide) * gate_ffn
+
+    def _forward_with_tangent(self, x_BLD, time_B6D, context_BLD, rope, x_dot, time_dot_B6D):
+        """The same computation as `forward`, each step also producing its tangent (under no_grad)."""
+        wide = time_B6D.dtype
+        linear_dtype = self.self_attn.q.weight.dtype
+        shift_attn, scale_attn, gate_attn, shift_ffn, scale_ffn, gate_ffn = (
+            self.modulation.to(wide) + time_B6D).chunk(6, dim=1)
+        (shift_attn_dot, scale_attn_dot, gate_attn_dot, shift_ffn_dot, scale_ffn_dot,
+         gate_ffn_dot) = time_dot_B6D.to(wide).chunk(6, dim=1)
+
+        normalized = self.norm1(x_BLD)
+        with torch.no_grad():
+            modulated_dot = modulate_tangent(normalized, self.norm1.tangent(x_BLD, x_dot), scale_attn, scale_attn_dot, shift_attn_dot)
+        y, y_dot = self.self_attn((normalized * (1 + scale_attn) + shift_attn).to(linear_dtype), rope, modulated_dot.to(linear_dtype))
+        with torch.no_grad():
+            x_dot = x_dot + y_dot.to(wide) * gate_attn + y.to(wide) * gate_attn_dot
+        x_BLD = x_BLD + y.to(wide) * gate_attn
+
+        normalized = self.norm3(x_BLD)
+        with torch.no_grad():
+            normalized_dot = self.norm3.tangent(x_BLD, x_dot) if isinstance(self.norm3, WanLayerNorm) else x_dot
+        y, y_dot = self.cross_attn(normalized.to(linear_dtype), context_BLD, normalized_dot.to(linear_dtype))
+        x_BLD = x_BLD + y.to(wide)
+        x_dot = x_dot + y_dot.to(wide)
+
+        normalized = self.norm2(x_BLD)
+        first, activation, second = self.ffn
+        with torch.no_grad():
+            modulated_dot = modulate_tangent(normalized, self.norm2.tangent(x_BLD, x_dot), scale_ffn, scale_ffn_dot, shift_ffn_dot)
+        hidden = first((normalized * (1 + scale_ffn) + shift_ffn).to(linear_dtype))
+        with torch.no_grad():
+            hidden_dot = gelu_tanh_tangent(hidden, linear_tangent(first.weight, modulated_dot))
+        y = second(activation(hidden))
+        with torch.no_grad():
+            y_dot = linear_tangent(second.weight, hidden_dot)
+            x_dot = x_dot + y_dot.to(wide) * gate_ffn + y.to(wide) * gate_ffn_dot
+        return x_BLD + y.to(wide) * gate_ffn, x_dot
 
 
 class WanHead(nn.Module):
@@ -251,11 +331,18 @@ class WanHead(nn.Module):
         self.head = nn.Linear(dim, math.prod(config.patch_size) * config.out_channels)
         self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
 
-    def forward(self, x_BLD: torch.Tensor, time_BD: torch.Tensor) -> torch.Tensor:
-        """Project tokens to patches, in the wide dtype of the time embedding."""
+    def forward(self, x_BLD: torch.Tensor, time_BD: torch.Tensor, x_dot=None, time_dot_BD=None):
+        """Project tokens to patches, in the wide dtype of the time embedding (and the tangent, if given)."""
         wide = time_BD.dtype
         shift, scale = (self.modulation.to(wide) + time_BD.unsqueeze(1)).chunk(2, dim=1)
-        return _linear_in_dtype(self.head, self.norm(x_BLD) * (1 + scale) + shift, wide)
+        normalized = self.norm(x_BLD)
+        out = _linear_in_dtype(self.head, normalized * (1 + scale) + shift, wide)
+        if x_dot is None:
+            return out
+        with torch.no_grad():
+            shift_dot, scale_dot = time_dot_BD.unsqueeze(1).expand(-1, 2, -1).to(wide).chunk(2, dim=1)
+            modulated_dot = modulate_tangent(normalized, self.norm.tangent(x_BLD, x_dot), scale, scale_dot, shift_dot)
+            return out, _linear_in_dtype(self.head, modulated_dot, wide, with_bias=False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -264,6 +351,9 @@ class WanHead(nn.Module):
 
 class WanDiT(nn.Module):
     """Wan2.1 T2V DiT: `forward(x_BCTHW, timestep_B, context_BLD) -> velocity_BCTHW`."""
+
+    # forward(..., x_dot=, timestep_dot=) returns (output, tangent) in one pass (see rcm.models.tangent).
+    carries_tangents = True
 
     def __init__(self, config: WanDiTConfig):
         super().__init__()
@@ -306,14 +396,28 @@ class WanDiT(nn.Module):
         """Number of parameter elements."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, x_BCTHW: torch.Tensor, timestep_B: torch.Tensor, context_BLD: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x_BCTHW: torch.Tensor,
+        timestep_B: torch.Tensor,
+        context_BLD: torch.Tensor,
+        x_dot: torch.Tensor | None = None,
+        timestep_dot: torch.Tensor | None = None,
+    ):
         """Velocity for latent video x at flow-matching timestep t ∈ [0, 1000] given text embeddings.
 
         x_BCTHW: (B, in_channels, T, H, W), T/H/W divisible by patch_size; timestep_B: (B,);
         context_BLD: (B, L ≤ text_len, text_dim), zero-padded to text_len here. Returns
         (B, out_channels, T, H, W) in float32 (float64 for a float64 model).
+
+        JVP mode: given tangents ẋ (like x) and ṫ (like timestep), returns (velocity, tangent) from this
+        one forward. The velocity carries gradients; the tangent is computed without (the text has none).
         """
         self._check_inputs(x_BCTHW, timestep_B, context_BLD)
+        with_tangent = x_dot is not None or timestep_dot is not None
+        if with_tangent:
+            x_dot = torch.zeros_like(x_BCTHW) if x_dot is None else x_dot
+            timestep_dot = torch.zeros_like(timestep_B) if timestep_dot is None else timestep_dot
         config = self.config
         linear_dtype = self.patch_embedding.weight.dtype
         wide = torch.promote_types(linear_dtype, torch.float32)
@@ -332,10 +436,43 @@ class WanDiT(nn.Module):
 
         cos, sin = rope_cos_sin(grid_THW, config.rope_axis_dims, device=x_BLD.device)
         rope = (cos.to(wide), sin.to(wide))
+        if with_tangent:
+            return self._forward_with_tangent(x_BLD, x_dot, timestep_B, timestep_dot, sinusoid, time_BD, time_B6D,
+                                              context_BLD, rope, grid_THW)
         for block in self.blocks:
             x_BLD = block(x_BLD, time_B6D, context_BLD, rope)
         patches = self.head(x_BLD, time_BD)
         return self._unpatchify(patches, grid_THW)
+
+    def _forward_with_tangent(self, x_BLD, x_dot, timestep_B, timestep_dot, sinusoid, time_BD, time_B6D,
+                              context_BLD, rope, grid_THW):
+        """The rest of `forward` in JVP mode: tangents of the tokens and of the time path ride along."""
+        wide = x_BLD.dtype
+        linear_dtype = self.patch_embedding.weight.dtype
+        with torch.no_grad():
+            tokens_dot = F.conv3d(x_dot.to(linear_dtype), self.patch_embedding.weight, stride=self.config.patch_size)
+            x_BLD_dot = tokens_dot.flatten(2).transpose(1, 2).to(wide)
+            time_BD_dot, time_B6D_dot = self._time_tangent(timestep_B, timestep_dot, sinusoid, time_BD, wide)
+        for block in self.blocks:
+            x_BLD, x_BLD_dot = block(x_BLD, time_B6D, context_BLD, rope, x_BLD_dot, time_B6D_dot)
+        patches, patches_dot = self.head(x_BLD, time_BD, x_BLD_dot, time_BD_dot)
+        return self._unpatchify(patches, grid_THW), self._unpatchify(patches_dot, grid_THW)
+
+    @torch.no_grad()
+    def _time_tangent(self, timestep_B, timestep_dot, sinusoid, time_BD, wide):
+        """Tangents of the time embedding (B, dim) and its 6-way projection (B, 6, dim) along ṫ."""
+        half = self.config.freq_dim // 2
+        frequencies = torch.pow(TIME_EMBEDDING_BASE, -torch.arange(half, dtype=torch.float64, device=timestep_B.device) / half)
+        angle_dot = timestep_dot.to(torch.float64)[:, None] * frequencies[None, :]
+        cos_part, sin_part = sinusoid.to(torch.float64).chunk(2, dim=1)
+        sinusoid_dot = torch.cat([-sin_part * angle_dot, cos_part * angle_dot], dim=1).to(wide)
+        first, _, second = self.time_embedding
+        hidden = _linear_in_dtype(first, sinusoid, wide)
+        hidden_dot = silu_tangent(hidden, _linear_in_dtype(first, sinusoid_dot, wide, with_bias=False))
+        time_BD_dot = _linear_in_dtype(second, hidden_dot, wide, with_bias=False)
+        projected_dot = silu_tangent(time_BD, time_BD_dot)
+        time_B6D_dot = _linear_in_dtype(self.time_projection[1], projected_dot, wide, with_bias=False)
+        return time_BD_dot, time_B6D_dot.unflatten(1, (6, self.config.dim))
 
     def _time_embedding(self, sinusoid: torch.Tensor, wide: torch.dtype) -> torch.Tensor:
         """time_embedding (Linear–SiLU–Linear) with its weights cast to the wide dtype."""

@@ -6,7 +6,9 @@ Backends (see `attention_backend_names()`):
   SDPA kernels and the sCM loss needs `torch.func.jvp` / `torch.autograd.forward_ad` through the model.
 - "math": softmax(s·QKᵀ)·V written out, in float32 or wider; the differentiable reference.
 - "flash_attn": the flash-attn package (forward and backward only, no forward-mode AD).
+- "triton": our Triton kernel (rcm/ops/triton_attention_jvp.py): CUDA only, with backward and JVP rule.
 - "auto": an alias of "sdpa".
+`attention_with_tangent` is the JVP-mode entry point: (O, Ȯ) in one pass (fused Triton kernel on CUDA).
 Another backend (for example a Triton JVP kernel) is added with `register_attention_backend`: a
 backend is a function `(q, k, v, scale) -> out` on (B, N, H, D) tensors with `scale` already a float.
 """
@@ -95,6 +97,55 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     q_BHND, k_BHND, v_BHND = (t.transpose(1, 2).to(compute) for t in (q, k, v))
     probabilities = torch.softmax(scale * (q_BHND @ k_BHND.transpose(-1, -2)), dim=-1)
     return (probabilities @ v_BHND).transpose(1, 2).to(q.dtype)
+
+
+def attention_with_tangent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_dot: torch.Tensor | None,
+    k_dot: torch.Tensor | None,
+    v_dot: torch.Tensor | None,
+    *,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O, Ȯ) for (B, N, H, D) inputs and their tangents (None = zero); gradients flow through O only.
+
+    On CUDA with bf16/fp16 and head_dim 64/128 the fused Triton kernel computes both in one pass;
+    elsewhere O comes from ``attention(..., backend)`` and Ȯ from the blockwise reference formula.
+    """
+    _check_inputs(q, k, v)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if backend in ("auto", "triton_jvp") and _triton_jvp_supports(q, k, v):
+        from rcm.ops.triton_attention_jvp import attention_jvp
+
+        zeros = [torch.zeros_like(t) if t_dot is None else t_dot for t, t_dot in ((q, q_dot), (k, k_dot), (v, v_dot))]
+        out, out_dot = attention_jvp(q, k, v, *zeros, scale=scale)
+        return out, out_dot.detach()
+    if backend == "triton_jvp":
+        raise ValueError("backend 'triton_jvp' needs CUDA bf16/fp16 inputs with head_dim 64 or 128 and triton installed")
+    out = attention(q, k, v, scale=scale, backend=backend)
+    with torch.no_grad():
+        transpose = lambda t: None if t is None else t.transpose(1, 2)  # noqa: E731
+        out_dot = attention_jvp_reference(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), transpose(q_dot), transpose(k_dot), transpose(v_dot), scale
+        ).transpose(1, 2)
+    return out, out_dot
+
+
+def _triton_jvp_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the fused Triton JVP kernel can take these inputs."""
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (64, 128)):
+        return False
+    if not (k.dtype == v.dtype == q.dtype):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -208,3 +259,13 @@ def flash_attn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
 register_attention_backend("sdpa", sdpa_attention)
 register_attention_backend("math", math_attention)
 register_attention_backend("flash_attn", flash_attn_attention)
+
+
+def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Our Triton flash-attention kernel (CUDA, bf16/fp16, head_dim 64/128), with backward and JVP rule."""
+    from rcm.ops.triton_attention_jvp import attention as triton_attention_function
+
+    return triton_attention_function(q, k, v, scale)
+
+
+register_attention_backend("triton", triton_attention)
