@@ -54,6 +54,7 @@ def scm_loss(
     tangent_warmup: int,
     loss_scale: float,
     normalization_eps: float = 0.1,
+    jvp=velocity_and_tangent,
 ) -> SCMOutput:
     """sCM loss for a batch, given the teacher's (CFG) x0 prediction at x_t = cos t·x0 + sin t·ε."""
     cos_t = per_sample(torch.cos(t.double()), x0)
@@ -63,7 +64,8 @@ def scm_loss(
     # The "rearranged" tangents: scaling by cos t·sin t keeps dF bounded near t = π/2.
     cos_sin = torch.cos(t.double()) * torch.sin(t.double())
     x_dot = per_sample(cos_sin, x_t) * teacher_velocity
-    student_velocity, student_tangent = velocity_and_tangent(student, x_t, t, x_dot, cos_sin, context)
+    # `jvp` may be swapped for the reference's two-pass version (benchmarks compare the two).
+    student_velocity, student_tangent = jvp(student, x_t, t, x_dot, cos_sin, context)
     velocity_stopgrad = student_velocity.detach()
 
     g = scm_target_direction(

@@ -118,14 +118,14 @@ def attention_with_tangent(
     _check_inputs(q, k, v)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    if backend in ("auto", "triton_jvp") and _triton_jvp_supports(q, k, v):
+    if backend in ("auto", "triton") and _triton_jvp_supports(q, k, v):
         from rcm.ops.triton_attention_jvp import attention_jvp
 
         zeros = [torch.zeros_like(t) if t_dot is None else t_dot for t, t_dot in ((q, q_dot), (k, k_dot), (v, v_dot))]
         out, out_dot = attention_jvp(q, k, v, *zeros, scale=scale)
         return out, out_dot.detach()
-    if backend == "triton_jvp":
-        raise ValueError("backend 'triton_jvp' needs CUDA bf16/fp16 inputs with head_dim 64 or 128 and triton installed")
+    if backend == "triton":
+        raise ValueError("attention backend 'triton' needs CUDA bf16/fp16 inputs with head_dim 64 or 128 and triton installed")
     out = attention(q, k, v, scale=scale, backend=backend)
     with torch.no_grad():
         transpose = lambda t: None if t is None else t.transpose(1, 2)  # noqa: E731

@@ -290,20 +290,19 @@ DEFAULT_CONFIGS = {
 }
 INTERPRETER_CONFIG = KernelConfig(32, 16, 4, 1, False)
 
-_allocator_installed = False
+
+
+def _allocate_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _install_triton_allocator() -> None:
-    """Give Triton a torch-backed scratch allocator (in-kernel TMA descriptors live there)."""
-    global _allocator_installed
-    if _allocator_installed:
-        return
+    """Give Triton a torch-backed scratch allocator (in-kernel TMA descriptors live there).
 
-    def allocate(size: int, alignment: int, stream):
-        return torch.empty(size, dtype=torch.int8, device="cuda")
-
-    triton.set_allocator(allocate)
-    _allocator_installed = True
+    Triton keeps the allocator in a context variable, which autograd's backward thread does not
+    inherit (a checkpointed block recomputes its forward there), so it is set on every launch.
+    """
+    triton.set_allocator(_allocate_scratch)
 
 
 def _tma_compatible(*tensors: torch.Tensor) -> bool:

@@ -38,10 +38,10 @@ class _TangentBlockCheckpoint(torch.autograd.Function):
 
 
 def _checkpointed_block_forward(original_forward, x, time_B6D, context, rope, x_dot=None, time_dot=None):
+    if not torch.is_grad_enabled():  # nothing to save (also keeps functorch transforms away from checkpoint)
+        return original_forward(x, time_B6D, context, rope, x_dot, time_dot)
     if x_dot is None:
         return checkpoint(original_forward, x, time_B6D, context, rope, use_reentrant=False)
-    if not torch.is_grad_enabled():
-        return original_forward(x, time_B6D, context, rope, x_dot, time_dot)
     return _TangentBlockCheckpoint.apply(original_forward, x, time_B6D, context, rope[0], rope[1], x_dot, time_dot)
 
 
