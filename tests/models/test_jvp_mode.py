@@ -64,3 +64,16 @@ def test_jvp_mode_keeps_no_tangent_activations_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         model(x, timestep, context, x_dot=x_dot, timestep_dot=timestep_dot)
     assert sum(saved) == plain
+
+
+def test_linear_patch_embedding_of_the_rcm_release_loads():
+    """rCM's released students store patch_embedding as a Linear [dim, C·kt·kh·kw]; both layouts load strictly."""
+    source = tiny_dit(4)
+    state = source.state_dict()
+    conv_weight = state["patch_embedding.weight"]
+    state["patch_embedding.weight"] = conv_weight.reshape(conv_weight.shape[0], -1).clone()
+    target = tiny_dit(5)
+    target.load_state_dict(state, strict=True)
+    assert torch.equal(target.patch_embedding.weight, conv_weight)
+    x, timestep, context, _, _ = _inputs()
+    assert torch.equal(target(x, timestep, context), source(x, timestep, context))
