@@ -12,6 +12,7 @@ from omegaconf import MISSING, OmegaConf
 
 from rcm.distill.time import TimeSamplerConfig
 from rcm.models.wan_dit import WanDiTConfig
+from rcm.parallel.mesh import parallel_config_problems
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 METHODS = ("flow_matching", "rcm", "scm", "dmd", "dcm")
@@ -74,7 +75,43 @@ class TrainConfig:
     log_every: int = 50
     save_every: int = 500
     keep_last: int = 3
+    # checkpoints (rcm/checkpoint): also keep every checkpoint whose iteration is a multiple of this (0: none)
+    keep_every: int = 0
+    async_save: bool = True  # interval saves with dcp.async_save: training goes on while they are written
+    resume_from: Optional[str] = None  # run dir, DCP checkpoint or .pth to start from when run_dir has none
+    resume_weights_only: bool = False  # from resume_from take only the networks and EMA (fine-tuning, new optimizers)
+    verify_on_resume: bool = True  # check every shard's CRC-32 before resuming; a damaged checkpoint is skipped
     progress_bar: bool = True
+
+
+@dataclass
+class LaunchConfig:
+    """Distributed set-up and fault tolerance on a cluster (rcm/launch, slurm/, configs/hydra/launcher/)."""
+
+    collective_timeout_minutes: float = 30.0  # a collective waiting longer fails (a rank hung or died)
+    # Set for NCCL jobs unless already in the environment: the timeout then aborts instead of hanging.
+    nccl_env: dict[str, str] = field(
+        default_factory=lambda: {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN"}
+    )
+    stop_check_every: int = 1  # iterations between the all-reduces that agree on a stop signal
+    requeue: bool = True  # after the stop checkpoint, requeue the Slurm job (scontrol requeue)
+    max_requeues: int = 50  # cap on SLURM_RESTART_COUNT; beyond it the job stops for good
+    heartbeat_every_s: float = 30.0  # how often each rank rewrites <run_dir>/heartbeats/rank_N.json
+    hang_timeout_minutes: float = 45.0  # no iteration for this long: dump stacks, exit 1 (0 disables)
+
+
+@dataclass
+class ParallelConfig:
+    """The device mesh (dp_replicate × dp_shard × cp = processes) and how the networks are sharded (rcm/parallel)."""
+
+    dp_replicate: int = 1  # HSDP replicas (gradient all-reduce between them)
+    dp_shard: int = -1  # FSDP2 shard size over data; -1: the processes the other sizes leave
+    cp: int = 1  # Ulysses context parallelism: ranks splitting one sample's tokens (divides num_heads)
+    activation_checkpointing_every: int = 0  # 0: off; k: checkpoint every k-th block (1: all)
+    grad_accumulation: int = 1  # micro-batches per step; train.batch_size is split into them
+    reshard_after_forward: bool = True  # FSDP2: free gathered weights after forward (less memory, one more all-gather)
+    param_dtype: str = "bfloat16"  # FSDP2 mixed precision, CUDA only: weights all-gathered and used in this dtype
+    reduce_dtype: str = "float32"  # FSDP2 mixed precision, CUDA only: gradients reduced in this dtype
 
 
 @dataclass
@@ -88,6 +125,8 @@ class RCMConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def register_configs() -> None:
@@ -139,8 +178,50 @@ def validate_config(cfg: Any) -> None:
         raise ConfigError("train.batch_size and train.max_iters must be positive")
     if train.mixed_precision not in ("bf16", "none"):
         raise ConfigError(f"train.mixed_precision must be 'bf16' or 'none', got '{train.mixed_precision}'")
+    _validate_checkpointing(train)
+    launch = cfg.get("launch") if OmegaConf.is_config(cfg) else getattr(cfg, "launch", None)
+    if launch is not None:
+        _validate_launch(launch)
+    parallel = cfg.get("parallel") if OmegaConf.is_config(cfg) else getattr(cfg, "parallel", None)
+    if parallel is not None:
+        _validate_parallel(parallel, cfg.model, data.latent_shape, train.batch_size)
     for key in ("scm_time", "dmd_time", "flow_matching_time"):
         TimeSamplerConfig(**OmegaConf.to_container(distill[key]) if OmegaConf.is_config(distill[key]) else vars(distill[key]))
+
+
+def _validate_checkpointing(train: Any) -> None:
+    if train.save_every < 1 or train.keep_last < 1 or train.keep_every < 0:
+        raise ConfigError("train.save_every and train.keep_last must be at least 1, train.keep_every at least 0")
+    if train.resume_weights_only and not train.resume_from:
+        raise ConfigError("train.resume_weights_only needs train.resume_from (the checkpoint to take the weights from)")
+    if train.resume_from and str(train.resume_from).endswith((".pth", ".pt")) and not train.resume_weights_only:
+        raise ConfigError(f"train.resume_from={train.resume_from} is a weights file: set train.resume_weights_only=true "
+                          "(the full training state is only in DCP checkpoints)")
+
+
+def _validate_launch(launch: Any) -> None:
+    if launch.collective_timeout_minutes <= 0:
+        raise ConfigError("launch.collective_timeout_minutes must be positive")
+    if launch.stop_check_every < 1 or launch.max_requeues < 0 or launch.heartbeat_every_s < 0:
+        raise ConfigError("launch.stop_check_every must be >= 1, launch.max_requeues and launch.heartbeat_every_s >= 0")
+    if 0 < launch.hang_timeout_minutes <= launch.collective_timeout_minutes:
+        raise ConfigError(
+            f"launch.hang_timeout_minutes ({launch.hang_timeout_minutes}) must exceed launch.collective_timeout_minutes "
+            f"({launch.collective_timeout_minutes}) or be 0: a rank waiting in a collective for a hung peer "
+            "must see the collective fail before its own watchdog fires"
+        )
+
+
+def _validate_parallel(parallel: Any, model: Any, latent_shape: Any, batch_size: int) -> None:
+    tokens = 1
+    for size, patch in zip(list(latent_shape)[1:], model.patch_size):
+        tokens *= size // patch
+    problems = parallel_config_problems(parallel, num_heads=model.num_heads, num_tokens=tokens)
+    if not problems and batch_size % parallel.grad_accumulation:
+        problems.append(f"train.batch_size={batch_size} must be divisible by parallel.grad_accumulation="
+                        f"{parallel.grad_accumulation} (each micro-batch gets batch_size/grad_accumulation samples).")
+    if problems:
+        raise ConfigError(" ".join(problems))
 
 
 def load_config(overrides: list[str] | None = None, config_name: str = "config") -> Any:

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,12 +28,16 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from rcm.checkpoint.manager import CheckpointManager, iteration_of
-from rcm.checkpoint.weights import load_model_weights
+from rcm.checkpoint.manager import CheckpointManager, checkpoint_entries, iteration_of
+from rcm.checkpoint.resharding import rank_state_for_new_world
+from rcm.checkpoint.weights import load_model_weights, resolve_checkpoint
 from rcm.config import validate_config
 from rcm.data.shards import ShardLoader
 from rcm.distill.distiller import STUDENT, Distiller, uses_fake_score
 from rcm.distill.ema import PowerEMA
+from rcm.launch.heartbeat import Heartbeat, describe_heartbeats
+from rcm.launch.requeue import stop_and_requeue
+from rcm.launch.signals import StopRequest
 from rcm.models.wan_dit import WanDiT, WanDiTConfig
 from rcm.parallel.distributed import (
     DistributedInfo,
@@ -110,7 +115,8 @@ class Trainer:
         self.iteration = 0
         self.student_iteration = 0
         self.skipped_steps = 0
-        self.checkpoints = CheckpointManager(Path(cfg.run_dir) / "checkpoints", info, cfg.train.keep_last)
+        self.checkpoints = CheckpointManager(Path(cfg.run_dir) / "checkpoints", info, cfg.train.keep_last,
+                                             cfg.train.keep_every, cfg.train.async_save)
 
     def networks(self) -> dict[str, torch.nn.Module]:
         """The trainable networks by role."""
@@ -136,12 +142,26 @@ class Trainer:
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
 
-    def save(self) -> Path:
-        """Collective checkpoint of the current iteration."""
-        return self.checkpoints.save(self.iteration, self.checkpoint_state(), self.rank_state())
+    def save(self, wait: bool | None = None) -> Path:
+        """Collective checkpoint of the current iteration: asynchronous with ``train.async_save``, except the
+        final one, which returns only once it is complete (as does any save with ``wait``)."""
+        if wait is None:
+            wait = self.iteration >= self.cfg.train.max_iters
+        return self.checkpoints.save(self.iteration, self.checkpoint_state(), self.rank_state(), wait=wait)
 
-    def resume(self, path: Path) -> None:
-        """Restore the full training state from a checkpoint."""
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Restore the training state from ``path``; else from this run's newest loadable checkpoint (the requeue
+        path); else from ``train.resume_from`` (everything, or only the weights). Returns whether anything loaded."""
+        cfg = self.cfg.train
+        if path is None:
+            path = self.checkpoints.latest_loadable(check_crc=cfg.verify_on_resume)
+            if path is None and cfg.resume_from:
+                if cfg.resume_weights_only:
+                    self._load_weights(resolve_checkpoint(cfg.resume_from))
+                    return True
+                path = resolve_checkpoint(cfg.resume_from)
+            if path is None:
+                return False
         state = self.checkpoint_state()
         rank_state = self.checkpoints.load(path, state)
         self.ema.load_state_dict(state["ema"])
@@ -149,12 +169,34 @@ class Trainer:
             set_model_state_dict(network, state[role])
             set_optimizer_state_dict(network, self.optimizers[role], state[f"optim_{role}"])
         self.iteration = iteration_of(path)
-        if rank_state is not None:
-            self.student_iteration = rank_state["student_iteration"]
-            self.generator.set_state(rank_state["generator"])
-            torch.set_rng_state(rank_state["torch_rng"])
-            self.loader.load_state_dict(rank_state["loader"])
+        if rank_state is None:  # written by another world size: per-rank state is re-derived, not copied
+            saved = self.checkpoints.rank_states(path)
+            rank_state, explanation = rank_state_for_new_world(saved, self.loader, cfg.seed, self.iteration, self.info.rank, self.device)
+            if self.info.is_main:
+                log.warning("checkpoint %s was %s", path, explanation)
+        self.student_iteration = rank_state["student_iteration"]
+        self.generator.set_state(rank_state["generator"])
+        torch.set_rng_state(rank_state["torch_rng"])
+        self.loader.load_state_dict(rank_state["loader"])
         log.info("resumed from %s at iteration %d", path, self.iteration)
+        return True
+
+    def _load_weights(self, path: Path) -> None:
+        """Only the networks and EMA from ``path`` (fine-tuning, a new phase): optimizers and counters start fresh."""
+        source = load_model_weights(self.student, path, prefer="student")
+        entries = checkpoint_entries(path) if path.is_dir() else set()
+        if "ema" in entries:
+            self.checkpoints.load_entries(path, {"ema": self.ema.state_dict()})
+        else:  # no EMA saved: it starts at the loaded weights, as it does at initialization
+            with torch.no_grad():
+                for name, parameter in self.student.named_parameters():
+                    self.ema.shadow[name].copy_(parameter)
+        if self.fake_score is not None and "fake_score" in entries:
+            fake_score = get_model_state_dict(self.fake_score)
+            self.checkpoints.load_entries(path, {"fake_score": fake_score})
+            set_model_state_dict(self.fake_score, fake_score)
+        log.info("weights from %s (%s%s); optimizers and counters start fresh", path, source,
+                 ", fake score" if self.fake_score is not None and "fake_score" in entries else "")
 
     # -- the loop --
     def _autocast(self):
@@ -192,12 +234,14 @@ class Trainer:
         self.iteration += 1
         return {"role": role, f"grad_norm/{role}": float(grad_norm), **result.logs}
 
-    def run(self) -> dict[str, Any]:
-        """Train to ``max_iters`` with interval saves and a final save; returns the last logs."""
+    def run(self, stop: StopRequest | None = None, heartbeat: Heartbeat | None = None) -> dict[str, Any]:
+        """Train to ``max_iters`` with interval saves and a final save; returns the last logs.
+
+        With ``stop``, a stop signal (pre-timeout, preemption) on any rank ends the run early on every rank,
+        after the current iteration and a checkpoint of it; the logs then hold ``stopped_by`` (the signal).
+        """
         cfg = self.cfg.train
-        latest = self.checkpoints.latest()
-        if latest is not None:
-            self.resume(latest)
+        self.resume()
         run_dir = Path(self.cfg.run_dir)
         metrics_file = open(run_dir / "metrics.jsonl", "a") if self.info.is_main else None
         progress = _progress(self.iteration, cfg.max_iters, enabled=cfg.progress_bar and self.info.is_main, desc=self.cfg.name)
@@ -207,6 +251,8 @@ class Trainer:
             while self.iteration < cfg.max_iters:
                 logs.update(self.step())  # keeps the latest value of every network's numbers
                 progress.update(1)
+                if heartbeat is not None:
+                    heartbeat.beat(self.iteration)
                 if self.iteration % cfg.log_every == 0 or self.iteration == cfg.max_iters:
                     shown = {k: round(v, 4) for k, v in logs.items() if k.startswith("loss/")}
                     progress.set_postfix(shown, refresh=False)
@@ -215,11 +261,17 @@ class Trainer:
                         metrics_file.flush()
                 if self.iteration % cfg.save_every == 0 or self.iteration == cfg.max_iters:
                     self.save()
+                if stop is not None and self.iteration < cfg.max_iters and stop.should_stop(self.iteration):
+                    self.save(wait=True)  # on disk before the job is requeued; at once if this iteration is saved
+                    logs["stopped_by"] = stop.signal_name
+                    break
         finally:
             progress.close()
             if metrics_file:
                 metrics_file.close()
-        if self.info.is_main:
+        if self.info.is_main and "stopped_by" in logs:
+            log.info("stopped on %s at iteration %d after %.1f s; checkpoint saved", logs["stopped_by"], self.iteration, time.time() - started)
+        elif self.info.is_main:
             log.info("finished %d iterations in %.1f s", self.iteration, time.time() - started)
         return {"iteration": self.iteration, **logs}
 
@@ -231,14 +283,44 @@ def _progress(initial: int, total: int, enabled: bool, desc: str):
 
 
 def train(cfg: Any) -> dict[str, Any]:
-    """Run (or resume) the training described by a composed config; returns the last step's logs."""
+    """Run (or resume) the training described by a composed config; returns the last step's logs.
+
+    A stop signal (Slurm's pre-timeout USR2/HUP, SIGTERM on preemption) ends the run after a checkpoint;
+    the job is then requeued (``launch.requeue``) and this process exits with status 128 + signal.
+    """
     validate_config(cfg)
+    launch = cfg.launch
     device = resolve_device(cfg.train.device)
-    info = init_distributed(device)
+    info = init_distributed(device, launch.collective_timeout_minutes, launch.nccl_env)
+    stop = StopRequest(info.world_size, device, launch.stop_check_every).install()
+    heartbeats = Path(cfg.run_dir) / "heartbeats"
+    heartbeat = Heartbeat(heartbeats, info.rank, launch.heartbeat_every_s, launch.hang_timeout_minutes * 60)
     try:
-        return Trainer(cfg, device, info).run()
+        result = Trainer(cfg, device, info).run(stop, heartbeat)
+        if "stopped_by" in result:
+            heartbeat.close()
+            stop_and_requeue(stop.agreed_signal, info, launch.requeue, launch.max_requeues)
+        return result
+    except Exception:
+        behind = describe_heartbeats(heartbeats, stale_after_s=2 * launch.heartbeat_every_s + 10)
+        log.error("rank %d of %d failed%s", info.rank, info.world_size,
+                  f"; ranks that froze or fell behind:\n{behind}" if behind else "")
+        raise
     finally:
+        heartbeat.close()
+        stop.uninstall()
         shutdown_distributed()
+
+
+def _use_sweep_directory(cfg: Any) -> None:
+    """In a ``-m`` sweep every job trains in its own sweep subdirectory, unless ``run_dir`` is overridden."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    overridden = any(o.split("=", 1)[0].lstrip("+~") == "run_dir" for o in hydra_cfg.overrides.task)
+    if hydra_cfg.mode == RunMode.MULTIRUN and not overridden:
+        cfg.run_dir = hydra_cfg.runtime.output_dir
 
 
 def main() -> None:
@@ -252,7 +334,14 @@ def main() -> None:
 
     @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
     def _app(cfg) -> None:
-        train(cfg)
+        _use_sweep_directory(cfg)
+        try:
+            train(cfg)
+        except Exception:
+            # Exit non-zero from every launcher: Hydra would otherwise keep the error in the job's return
+            # value, and a submitit task would end with status 0 while its peers wait in a collective.
+            log.exception("training failed (rank %s)", os.environ.get("RANK", "0"))
+            raise SystemExit(1) from None
 
     _app()
 

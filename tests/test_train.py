@@ -11,26 +11,10 @@ import torch
 
 from rcm.config import ConfigError, load_config
 from rcm.data.shards import ShardError
-from rcm.data.toy import build_toy_dataset
 from rcm.parallel.distributed import DistributedInfo
-from rcm.train import Trainer, build_network, train
+from rcm.train import Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def toy_setup(tmp_path_factory):
-    """Toy shards plus a random teacher `.pth` in the official key layout."""
-    root = tmp_path_factory.mktemp("toy")
-    build_toy_dataset(root / "data", num_samples=64, samples_per_shard=16, seed=0)
-    cfg = load_config(["experiment=toy_teacher", f"data.shards={root / 'data'}"])
-    torch.manual_seed(0)
-    teacher = build_network(cfg.model)
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    torch.save(teacher.state_dict(), root / "teacher.pth")
-    return root
 
 
 def rcm_config(root: Path, run_dir: Path, max_iters: int, extra=()):

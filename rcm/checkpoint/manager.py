@@ -1,14 +1,21 @@
-"""One checkpoint manager: DCP saves of the whole training state, an atomic completion marker, keep-last-k,
-and "latest complete checkpoint" lookup for automatic resume.
+"""One checkpoint manager: DCP saves of the whole training state (synchronous or with ``dcp.async_save``),
+an atomic completion marker, keep-last-k plus keep-every-n, and the "latest loadable checkpoint" lookup
+behind automatic resume.
 
 Layout of a run directory::
 
-    checkpoints/iter_000001000/   DCP shards + .metadata (models, EMA, optimizers)
-                               rank_00000.pt ...   per-rank state (RNG, data position, counters)
-                               COMPLETE            written last, by rank 0, after every rank finished
+    checkpoints/iter_000001000/   DCP shards + .metadata (networks, EMA, optimizers)
+                               rank_00000.pt ...   per-rank state (RNG, data position, counters, config)
+                               COMPLETE            written last, by rank 0, once every rank's data is on disk
+
+Why rank 0 may write the marker as soon as *its* DCP save returns: every rank writes its ``rank_*.pt``
+before it enters the save, and DCP's coordinator (rank 0) writes ``.metadata`` only after it gathered
+the write results of every rank. So rank 0's save completing means every shard and rank file exists.
+A crash or SIGKILL at any earlier point leaves no marker, and the previous checkpoint stays the latest.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -16,12 +23,18 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import AsyncStager
 
+from rcm.checkpoint.verify import CheckpointCorruptError, read_metadata, verify_checkpoint, verify_torch_file
 from rcm.parallel.distributed import DistributedInfo, barrier
 
 log = logging.getLogger(__name__)
@@ -46,19 +59,54 @@ def is_complete(path: Path) -> bool:
     return (Path(path) / COMPLETE_MARKER).is_file()
 
 
-class CheckpointManager:
-    """Saves and finds checkpoints under ``<run_dir>/checkpoints``."""
+def rank_file(path: Path, rank: int) -> Path:
+    """The per-rank state file of ``rank`` inside a checkpoint directory."""
+    return Path(path) / f"rank_{rank:05d}.pt"
 
-    def __init__(self, directory: str | Path, info: DistributedInfo = DistributedInfo(), keep_last: int = 3):
+
+def read_marker(path: Path) -> dict[str, Any]:
+    """The completion marker's contents: iteration, world_size, saved_at, seconds, async."""
+    marker = Path(path) / COMPLETE_MARKER
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointCorruptError(f"{marker} is unreadable ({error})") from error
+
+
+class CheckpointManager:
+    """Saves and finds checkpoints under ``<run_dir>/checkpoints``.
+
+    ``async_save``: ``save`` copies the state to CPU memory (pinned on CUDA, reused between saves) and
+    returns; a background thread writes it and rank 0 then writes the marker. At most one save is in
+    flight: the next ``save`` (or ``wait``) first waits for the previous one.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        info: DistributedInfo = DistributedInfo(),
+        keep_last: int = 3,
+        keep_every: int = 0,
+        async_save: bool = False,
+    ):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be at least 1 (the latest checkpoint is what resume needs), got {keep_last}")
         self.directory = Path(directory)
         self.info = info
         self.keep_last = keep_last
+        self.keep_every = keep_every
+        self.async_save = async_save
+        self._pending: Future | None = None
+        self._pending_path: Path | None = None
+        self._group = None  # a gloo group of its own: async writes must not interleave with training collectives
+        self._stager = None
 
+    # -- finding checkpoints --
     def path_for(self, iteration: int) -> Path:
         """Directory of the checkpoint taken after ``iteration`` iterations."""
         return self.directory / f"iter_{iteration:09d}"
 
-    def complete_checkpoints(self) -> list[tuple[int, Path]]:
+    def complete_checkpoints(self, warn: bool = True) -> list[tuple[int, Path]]:
         """(iteration, path) of every complete checkpoint, oldest first; incomplete ones are skipped with a warning."""
         found = []
         if not self.directory.is_dir():
@@ -69,17 +117,39 @@ class CheckpointManager:
                 continue
             if is_complete(child):
                 found.append((int(match.group(1)), child))
-            else:
+            elif warn and child != self._in_flight_path():
                 log.warning("skipping incomplete checkpoint %s (no %s marker: the save did not finish)", child, COMPLETE_MARKER)
         return found
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint, or None."""
+        """The newest complete checkpoint, or None (no content check; see ``latest_loadable``)."""
         checkpoints = self.complete_checkpoints()
         return checkpoints[-1][1] if checkpoints else None
 
-    def save(self, iteration: int, state: dict[str, Any], rank_state: dict[str, Any]) -> Path:
-        """Collective save: DCP for ``state``, one file per rank for ``rank_state``, then the marker."""
+    def latest_loadable(self, check_crc: bool = True) -> Path | None:
+        """Collective: the newest complete checkpoint that passes verification; damaged ones are skipped with a warning.
+
+        The ranks split the check between them, so its cost does not grow with the world size.
+        """
+        for _, path in reversed(self.complete_checkpoints()):
+            problems = verify_checkpoint(path, check_crc, part=self.info.rank, num_parts=self.info.world_size)
+            if self.info.world_size > 1:
+                gathered: list[list[str] | None] = [None] * self.info.world_size
+                dist.all_gather_object(gathered, problems)
+                problems = [p for rank_problems in gathered for p in rank_problems or []]
+            if not problems:
+                return path
+            if self.info.is_main:
+                log.warning("skipping damaged checkpoint %s: %s", path, "; ".join(problems[:3]))
+        return None
+
+    # -- saving --
+    def save(self, iteration: int, state: dict[str, Any], rank_state: dict[str, Any], wait: bool = False) -> Path:
+        """Collective save: DCP for ``state``, one file per rank for ``rank_state``, then the marker.
+
+        With ``async_save`` this returns once ``state`` is copied to CPU memory, unless ``wait``.
+        """
+        self.wait()
         path = self.path_for(iteration)
         if is_complete(path):
             return path
@@ -87,48 +157,220 @@ class CheckpointManager:
             shutil.rmtree(path)  # leftovers of a save that crashed
         barrier(self.info)
         started = time.time()
-        dcp.save(state, checkpoint_id=str(path))
-        atomic_write_bytes(path / f"rank_{self.info.rank:05d}.pt", _to_bytes(rank_state))
-        barrier(self.info)
-        if self.info.is_main:
-            marker = {"iteration": iteration, "world_size": self.info.world_size, "saved_at": time.time()}
-            atomic_write_bytes(path / COMPLETE_MARKER, json.dumps(marker).encode())
-            self._prune()
-            log.info("saved checkpoint %s in %.1f s", path, time.time() - started)
-        barrier(self.info)
+        path.mkdir(parents=True, exist_ok=True)
+        # Before the DCP save: its final gather on rank 0 then proves that every rank file exists.
+        atomic_write_bytes(rank_file(path, self.info.rank), _to_bytes(rank_state))
+        if self.async_save:
+            upload = self._async_save(_plain_containers(state), path)
+            self._pending = self._complete_when_done(upload, iteration, path, started)
+            self._pending_path = path
+            log.debug("checkpoint %s staged in %.2f s; writing in the background", path, time.time() - started)
+            if wait:
+                self.wait()
+        else:
+            dcp.save(state, checkpoint_id=str(path), process_group=self._process_group())
+            self._complete(iteration, path, started, asynchronous=False)
+            barrier(self.info)
         return path
 
-    def load(self, path: str | Path, state: dict[str, Any]) -> dict[str, Any] | None:
-        """Fill ``state`` in place from a checkpoint; returns this rank's saved rank state (None if absent)."""
-        path = Path(path)
-        if not is_complete(path):
-            raise FileNotFoundError(f"checkpoint {path} is not complete (no {COMPLETE_MARKER} marker); refusing to load it")
-        dcp.load(state, checkpoint_id=str(path))
-        rank_file = path / f"rank_{self.info.rank:05d}.pt"
-        if not rank_file.is_file():
-            log.warning("%s has no state for rank %d (saved with another world size); RNG and data position restart", path, self.info.rank)
-            return None
-        return torch.load(rank_file, weights_only=False)
+    @property
+    def in_flight(self) -> bool:
+        """Whether an asynchronous save is still being written."""
+        return self._pending is not None and not self._pending.done()
 
-    def _prune(self) -> None:
-        checkpoints = self.complete_checkpoints()
-        for _, old in checkpoints[: max(0, len(checkpoints) - self.keep_last)]:
+    def wait(self) -> None:
+        """Collective: block until the save in flight (if any) is written and marked complete."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        pending.result()
+        barrier(self.info)  # every rank returns only once rank 0 wrote the marker
+
+    def close(self) -> None:
+        """Finish the save in flight and release the staging memory."""
+        self.wait()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+
+    def _in_flight_path(self) -> Path | None:
+        return self._pending_path if self._pending is not None else None
+
+    def _process_group(self):
+        if self.info.world_size == 1 or not dist.is_initialized():
+            return None
+        if self._group is None:  # created lazily at the first save, which every rank reaches together
+            self._group = dist.new_group(backend="gloo")
+        return self._group
+
+    def _async_save(self, state: dict[str, Any], path: Path) -> Future:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        if self._stager is None:
+            # One stager for the whole run: it keeps its CPU buffers (pinned on CUDA) and refills them each save,
+            # which is safe because a save waits for the previous one before staging.
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(), use_shared_memory=False,
+                                                        use_async_staging=False, use_non_blocking_copy=False))
+        try:
+            return dcp.async_save(state, checkpoint_id=str(path), process_group=self._process_group(), async_stager=self._stager)
+        except (KeyError, TypeError) as error:
+            if isinstance(self._stager, _PlainTensorStager):
+                raise
+            # Some torch releases' stager cannot copy every object of a state dict (KeyError: <class 'type'>).
+            log.warning("DCP's staging failed (%s: %s); staging plain tensors with rcm's own stager from now on",
+                        type(error).__name__, error)
+            self._stager.close()
+            self._stager = _PlainTensorStager()
+            return dcp.async_save(state, checkpoint_id=str(path), process_group=self._process_group(), async_stager=self._stager)
+
+    def _complete_when_done(self, upload: Future, iteration: int, path: Path, started: float) -> Future:
+        done: Future = Future()
+
+        def finish(upload_future: Future) -> None:
+            try:
+                upload_future.result()
+                self._complete(iteration, path, started, asynchronous=True)
+                done.set_result(path)
+            except BaseException as error:  # surfaces in wait(): the training loop must hear of a failed save
+                log.error("asynchronous save of %s failed: %s", path, error)
+                done.set_exception(error)
+
+        upload.add_done_callback(finish)
+        return done
+
+    def _complete(self, iteration: int, path: Path, started: float, asynchronous: bool) -> None:
+        if not self.info.is_main:
+            return
+        seconds = time.time() - started
+        marker = {"iteration": iteration, "world_size": self.info.world_size, "saved_at": time.time(),
+                  "seconds": round(seconds, 3), "async": asynchronous}
+        atomic_write_bytes(path / COMPLETE_MARKER, json.dumps(marker).encode())
+        self._prune(newest=path)
+        log.info("saved checkpoint %s in %.1f s%s", path, seconds, " (in the background)" if asynchronous else "")
+
+    def _prune(self, newest: Path) -> None:
+        """Keep the last ``keep_last`` checkpoints and every ``keep_every``-th; drop older leftovers of crashed saves."""
+        checkpoints = self.complete_checkpoints(warn=False)
+        recent = {path for _, path in checkpoints[-self.keep_last:]}
+        for iteration, old in checkpoints:
+            if old in recent or (self.keep_every > 0 and iteration % self.keep_every == 0):
+                continue
             # Remove the marker first: a crash mid-delete must not leave a "complete" half checkpoint.
             (old / COMPLETE_MARKER).unlink(missing_ok=True)
             shutil.rmtree(old, ignore_errors=True)
+        for child in self.directory.iterdir():
+            if _CHECKPOINT_NAME.match(child.name) and child.name < newest.name and not is_complete(child):
+                shutil.rmtree(child, ignore_errors=True)
+
+    # -- loading --
+    def load(self, path: str | Path, state: dict[str, Any]) -> dict[str, Any] | None:
+        """Fill ``state`` in place (DCP reshards tensors to this world); returns this rank's saved rank state,
+        or None when the checkpoint was saved by another world size (see ``rank_states``)."""
+        path = Path(path)
+        if not is_complete(path):
+            raise FileNotFoundError(f"checkpoint {path} is not complete (no {COMPLETE_MARKER} marker); refusing to load it")
+        self.load_entries(path, state)
+        if self.saved_world_size(path) != self.info.world_size:
+            return None
+        return _load_rank_file(rank_file(path, self.info.rank))
+
+    def load_entries(self, path: str | Path, state: dict[str, Any]) -> None:
+        """DCP-load the entries of ``state`` (a subset of the checkpoint's is fine), naming a damaged file on failure."""
+        path = Path(path)
+        available = checkpoint_entries(path)
+        missing = sorted(set(state) - available)
+        if missing:
+            raise KeyError(f"checkpoint {path} has no entry {missing} (it holds {sorted(available)})")
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except (Exception, CheckpointException) as error:  # DCP wraps reader errors in a BaseException
+            problems = verify_checkpoint(path, check_crc=False)
+            if problems:
+                raise CheckpointCorruptError(f"cannot load checkpoint {path}: " + "; ".join(problems[:3])) from error
+            raise
+
+    def saved_world_size(self, path: str | Path) -> int:
+        """How many ranks wrote the checkpoint."""
+        return int(read_marker(Path(path))["world_size"])
+
+    def rank_states(self, path: str | Path) -> list[dict[str, Any]]:
+        """Every saved rank's state, in rank order (small: RNG, counters, data position, config)."""
+        path = Path(path)
+        return [_load_rank_file(rank_file(path, rank)) for rank in range(self.saved_world_size(path))]
+
+
+def checkpoint_entries(path: str | Path) -> set[str]:
+    """The top-level entries of a DCP checkpoint (student, ema, fake_score, optim_student, ...)."""
+    return {key.split(".", 1)[0] for key in read_metadata(Path(path)).state_dict_metadata}
 
 
 def iteration_of(path: str | Path) -> int:
     """The iteration a checkpoint directory was taken at."""
     match = _CHECKPOINT_NAME.match(Path(path).name)
-    if not match:
-        raise ValueError(f"{path} is not a checkpoint directory (expected a name like iter_000001000)")
-    return int(match.group(1))
+    if match:
+        return int(match.group(1))
+    if is_complete(Path(path)):
+        return int(read_marker(Path(path))["iteration"])
+    raise ValueError(f"{path} is not a checkpoint directory (expected a name like iter_000001000)")
+
+
+class _PlainTensorStager(AsyncStager):
+    """A fallback stager: copies each tensor into a CPU buffer kept from one save to the next (page-locked for CUDA
+    tensors), containers rebuilt as plain dicts/lists, everything else shared (it is immutable in a state dict)."""
+
+    _synchronize_after_execute = False
+
+    def __init__(self):
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def stage(self, state_dict, **kwargs):
+        staged = self._copy(state_dict, ())
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the non-blocking device-to-host copies must land before the write
+        return staged
+
+    def _copy(self, tree: Any, path: tuple) -> Any:
+        if isinstance(tree, Mapping):
+            return {key: self._copy(value, path + (key,)) for key, value in tree.items()}
+        if isinstance(tree, (list, tuple)):
+            return type(tree)(self._copy(value, path + (i,)) for i, value in enumerate(tree))
+        if not torch.is_tensor(tree):
+            return tree
+        if type(tree) is not torch.Tensor and not isinstance(tree, torch.nn.Parameter):
+            raise TypeError(f"cannot stage a {type(tree).__name__} at {'.'.join(map(str, path))}: set train.async_save=false "
+                            "or use a torch whose DCP staging copies it")
+        buffer = self.buffers.get(path)
+        if buffer is None or buffer.shape != tree.shape or buffer.dtype != tree.dtype:
+            buffer = torch.empty(tree.shape, dtype=tree.dtype, pin_memory=tree.is_cuda)
+            self.buffers[path] = buffer
+        buffer.copy_(tree.detach(), non_blocking=tree.is_cuda)
+        return buffer
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.buffers.clear()
+
+
+def _plain_containers(tree: Any) -> Any:
+    """The same tree with every mapping a plain dict (tensors and other leaves are not copied)."""
+    if isinstance(tree, Mapping):
+        return {key: _plain_containers(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
+        return type(tree)(_plain_containers(value) for value in tree)
+    return tree
+
+
+def _load_rank_file(file: Path) -> dict[str, Any]:
+    try:
+        return torch.load(file, weights_only=False)
+    except Exception as error:
+        problems = verify_torch_file(file, check_crc=True) or [f"{file} cannot be loaded ({error})"]
+        raise CheckpointCorruptError("; ".join(problems)) from error
 
 
 def _to_bytes(obj: Any) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()

@@ -7,8 +7,10 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from rcm.checkpoint.manager import CheckpointManager, is_complete
+from rcm.checkpoint.verify import read_metadata
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "net.", "model.")
 EMA_KEYS = ("ema", "ema_state_dict", "model_ema")
@@ -39,19 +41,28 @@ def load_model_weights(model: nn.Module, path: str | Path, prefer: str = "ema") 
 
 
 def _load_from_dcp(model: nn.Module, path: Path, prefer: str) -> str:
-    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.keys()
-    available = {key.split(".", 1)[0] for key in keys}
-    for entry in (prefer, "ema", "student"):
-        if entry in available:
-            # The EMA holds parameters only; the student entry is a full state dict.
-            target = {n: p.detach() for n, p in model.named_parameters()} if entry == "ema" else model.state_dict()
-            dcp.load({entry: target}, checkpoint_id=str(path))
-            return entry
-    raise KeyError(f"checkpoint {path} holds neither 'ema' nor 'student' weights (found {sorted(available)})")
+    metadata = read_metadata(path)
+    saved = {key: tuple(item.size) for key, item in metadata.state_dict_metadata.items() if isinstance(item, TensorStorageMetadata)}
+    available = {key.split(".", 1)[0] for key in saved}
+    entry = next((e for e in (prefer, "ema", "student") if e in available), None)
+    if entry is not None:  # a training checkpoint: one network entry of it
+        prefix = entry + "."
+        names = [key[len(prefix):] for key in saved if key.startswith(prefix)]
+    else:  # a plain model checkpoint (e.g. pth-to-dcp of an official .pth), perhaps behind a wrapper prefix
+        names = list(unwrap_state_dict(dict.fromkeys(saved), prefer_ema=False))
+        first = next(iter(saved), "")
+        prefix = first[: len(first) - len(names[0])] if names else ""
+    # The EMA holds parameters only; other entries are full state dicts. Names and shapes are checked against
+    # the metadata before anything is read, so a wrong model fails with the list of differences.
+    expected = {n: p.detach() for n, p in model.named_parameters()} if entry == "ema" else model.state_dict()
+    shapes = {name: torch.empty(saved[prefix + name], device="meta") for name in names}
+    raise_on_mismatch(expected, shapes, source=f"{path}{f' ({entry})' if entry else ''}")
+    dcp.load({prefix + name: expected[name] for name in names}, checkpoint_id=str(path))  # copies cast to the model's dtype
+    return entry or "dcp"
 
 
 def unwrap_state_dict(state: dict, prefer_ema: bool = True) -> dict[str, torch.Tensor]:
-    """Undo the usual wrappers: an EMA / state_dict sub-dict and DDP/compile/trainer key prefixes."""
+    """Undo the usual wrappers: an EMA / state_dict sub-dict and DDP/compile/trainer key prefixes (order kept)."""
     if prefer_ema:
         for key in EMA_KEYS:
             if isinstance(state.get(key), dict):
@@ -70,9 +81,8 @@ def unwrap_state_dict(state: dict, prefer_ema: bool = True) -> dict[str, torch.T
     return state
 
 
-def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict(strict=True)`` with an error that lists what is missing and unexpected."""
-    expected = model.state_dict()
+def raise_on_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise ValueError listing the missing, unexpected and wrongly-shaped keys of ``state`` (if any)."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
@@ -88,4 +98,10 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
                 + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong_shape[:5])
             )
         raise ValueError(f"{source} does not match the model: " + "; ".join(parts))
+
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that lists what is missing and unexpected."""
+    expected = model.state_dict()
+    raise_on_mismatch(expected, state, source)
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)

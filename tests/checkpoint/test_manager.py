@@ -1,0 +1,191 @@
+"""CheckpointManager: the completion marker, asynchronous saves, retention, damaged-checkpoint handling, and a
+SIGKILL in the middle of an asynchronous save."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from rcm.checkpoint import manager as manager_module
+from rcm.checkpoint.manager import COMPLETE_MARKER, CheckpointManager, is_complete, rank_file
+from rcm.checkpoint.verify import CheckpointCorruptError, verify_checkpoint
+from tests.checkpoint.damage import flip_tensor_byte
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def training_state(seed: int, size: int = 64) -> dict:
+    """A miniature training state: weights, EMA and an optimizer entry with tensors and plain values."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "student": {"w": torch.randn(size, size, generator=g), "b": torch.randn(size, generator=g)},
+        "ema": {"w": torch.randn(size, size, generator=g)},
+        "optim_student": {"state": {"w": {"exp_avg": torch.randn(size, size, generator=g), "step": torch.tensor(3.0)}},
+                          "param_groups": [{"lr": 1e-4, "params": ["w"]}]},
+    }
+
+
+def zeros_like_state(state: dict) -> dict:
+    if isinstance(state, dict):
+        return {k: zeros_like_state(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [zeros_like_state(v) for v in state]
+    return torch.zeros_like(state) if torch.is_tensor(state) else state
+
+
+def assert_state_equal(a, b) -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_state_equal(a[key], b[key])
+    elif torch.is_tensor(a):
+        assert torch.equal(a, b)
+    else:
+        assert a == b
+
+
+def save(manager: CheckpointManager, iteration: int, wait: bool = True) -> Path:
+    return manager.save(iteration, training_state(iteration), {"iteration": iteration, "loader": {"epoch": 0, "samples_in_epoch": iteration}}, wait=wait)
+
+
+def test_async_save_writes_the_marker_only_after_the_data_is_written(tmp_path, monkeypatch):
+    """The marker appears only once the background write finished; the next save waits for the one in flight."""
+    release = threading.Event()
+
+    def held_async_save(state, checkpoint_id, **kwargs):  # the real write, finishing only when the test says so
+        done: Future = Future()
+
+        def write():
+            release.wait(30)
+            dcp.save(state, checkpoint_id=checkpoint_id)
+            done.set_result(None)
+        threading.Thread(target=write).start()
+        return done
+
+    monkeypatch.setattr(manager_module.dcp, "async_save", held_async_save)
+    manager = CheckpointManager(tmp_path, async_save=True)
+    first = save(manager, 10, wait=False)
+    assert not is_complete(first), "the marker must wait for the data"
+    assert manager.latest() is None
+    release.set()
+    save(manager, 20, wait=False)  # waits for iteration 10 before starting
+    assert is_complete(first)
+    manager.wait()
+    assert is_complete(manager.path_for(20)) and manager.latest() == manager.path_for(20)
+    assert json.loads((first / COMPLETE_MARKER).read_text())["async"] is True
+
+
+def test_async_save_round_trip_and_rank_state(tmp_path):
+    """An asynchronous save loads back exactly, including the per-rank state; training may overwrite tensors at once."""
+    manager = CheckpointManager(tmp_path, async_save=True)
+    state = training_state(1)
+    path = manager.save(5, state, {"iteration": 5, "note": "rank zero"})
+    state["student"]["w"].add_(1.0)  # a training step mutating weights while the write is in flight
+    manager.wait()
+    loaded = zeros_like_state(state)
+    assert manager.load(path, loaded) == {"iteration": 5, "note": "rank zero"}
+    assert_state_equal(loaded, training_state(1))
+
+
+def test_keep_last_and_keep_every(tmp_path):
+    """Retention keeps the newest k plus every n-th; older leftovers of crashed saves are removed."""
+    manager = CheckpointManager(tmp_path, keep_last=2, keep_every=20, async_save=False)
+    crashed = manager.path_for(3)
+    crashed.mkdir(parents=True)
+    (crashed / "__0_0.distcp").write_bytes(b"partial")
+    for iteration in (10, 20, 30, 40, 50):
+        save(manager, iteration)
+    kept = [path.name for _, path in manager.complete_checkpoints()]
+    assert kept == ["iter_000000020", "iter_000000040", "iter_000000050"]
+    assert not crashed.exists()
+
+
+def test_latest_loadable_skips_a_damaged_checkpoint_with_a_warning(tmp_path, caplog):
+    """A flipped byte in a shard fails its CRC: verify names the file and item, and resume falls back a checkpoint."""
+    manager = CheckpointManager(tmp_path, keep_last=5)
+    older = save(manager, 1)
+    newer = save(manager, 2)
+    shard = flip_tensor_byte(newer)  # inside a tensor's bytes: torch.load would not notice
+    problems = verify_checkpoint(newer)
+    assert problems and str(shard) in problems[0] and "CRC-32" in problems[0] and "item '" in problems[0]
+    with caplog.at_level(logging.WARNING):
+        assert manager.latest_loadable() == older
+    assert "skipping damaged checkpoint" in caplog.text and str(shard) in caplog.text
+    assert manager.latest() == newer  # the marker alone does not vouch for the bytes
+
+
+def test_truncated_shard_gives_an_error_naming_the_file(tmp_path):
+    """Loading a checkpoint whose shard was cut short fails with a message that names the shard."""
+    manager = CheckpointManager(tmp_path)
+    path = save(manager, 7)
+    shard = path / "__0_0.distcp"
+    os.truncate(shard, shard.stat().st_size // 3)
+    with pytest.raises(CheckpointCorruptError, match=rf"{shard}.*truncated"):
+        manager.load(path, zeros_like_state(training_state(7)))
+    assert manager.latest_loadable() is None
+
+
+def test_damaged_rank_file_and_metadata_are_named(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    path = save(manager, 4)
+    rank_file(path, 0).write_bytes(b"garbage")
+    with pytest.raises(CheckpointCorruptError, match="rank_00000.pt"):
+        manager.load(path, zeros_like_state(training_state(4)))
+    (path / ".metadata").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(CheckpointCorruptError, match=r"\.metadata is unreadable"):
+        manager.load(path, zeros_like_state(training_state(4)))
+
+
+_KILLED_CHILD = textwrap.dedent("""
+    import os, sys, threading, time, torch
+    from rcm.checkpoint.manager import CheckpointManager
+    directory = sys.argv[1]
+    manager = CheckpointManager(directory, async_save=True)
+    g = torch.Generator().manual_seed(0)
+    manager.save(1, {"student": {"w": torch.full((256, 256), 1.0)}}, {"iteration": 1}, wait=True)
+    real_fsync = os.fsync
+    def stalled_fsync(fd):  # the background writer hangs at its fsync, as on a slow file system
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(600)
+        real_fsync(fd)
+    os.fsync = stalled_fsync
+    manager.save(2, {"student": {"w": torch.randn(2048, 2048, generator=g)}}, {"iteration": 2})
+    print("saving in the background", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_sigkill_during_async_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    """SIGKILL while the background write is in flight: no marker, latest is the previous checkpoint, which loads."""
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        line = child.stdout.readline()
+        assert "saving in the background" in line, child.stderr.read() if child.poll() is not None else line
+        in_flight = tmp_path / "iter_000000002"
+        deadline = time.time() + 60
+        while not any(f.stat().st_size for f in in_flight.glob("*.distcp")) and time.time() < deadline:
+            time.sleep(0.05)
+        assert any(in_flight.glob("*.distcp")) and (in_flight / "rank_00000.pt").is_file()  # the write is under way
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    assert child.returncode == -signal.SIGKILL
+    manager = CheckpointManager(tmp_path)
+    assert not is_complete(in_flight)
+    assert manager.latest() == manager.latest_loadable() == tmp_path / "iter_000000001"
+    loaded = {"student": {"w": torch.zeros(256, 256)}}
+    assert manager.load(manager.latest(), loaded) == {"iteration": 1}
+    assert torch.equal(loaded["student"]["w"], torch.full((256, 256), 1.0))
