@@ -213,13 +213,23 @@ class WanSelfAttention(nn.Module):
         v = self.v(x_BLD).unflatten(-1, (self.num_heads, -1))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if x_dot is None:
-            return self.o(attention(q, k, v, backend=self.attention_backend).flatten(2))
+            return self.o(self.attend(q, k, v).flatten(2))
         with torch.no_grad():
             q_dot = apply_rope(self._norm_tangent(self.norm_q, q_in, linear_tangent(self.q.weight, x_dot)), *rope)
             k_dot = apply_rope(self._norm_tangent(self.norm_k, k_in, linear_tangent(self.k.weight, x_dot)), *rope)
             v_dot = linear_tangent(self.v.weight, x_dot).unflatten(-1, (self.num_heads, -1))
-        out, out_dot = attention_with_tangent(q, k, v, q_dot.to(q.dtype), k_dot.to(k.dtype), v_dot.to(v.dtype), backend=self.attention_backend)
+        out, out_dot = self.attend_with_tangent(q, k, v, q_dot.to(q.dtype), k_dot.to(k.dtype), v_dot.to(v.dtype))
         return self.o(out.flatten(2)), linear_tangent(self.o.weight, out_dot.flatten(2))
+
+    # Context parallelism (rcm/parallel/context_parallel.py) replaces these two on the instance: the
+    # tokens arrive sequence-sharded and attention must see every token.
+    def attend(self, q_BNHD: torch.Tensor, k_BNHD: torch.Tensor, v_BNHD: torch.Tensor) -> torch.Tensor:
+        """Attention of this layer's queries over its keys and values, (B, N, H, D)."""
+        return attention(q_BNHD, k_BNHD, v_BNHD, backend=self.attention_backend)
+
+    def attend_with_tangent(self, q, k, v, q_dot, k_dot, v_dot) -> tuple[torch.Tensor, torch.Tensor]:
+        """`attend` in JVP mode: (O, Ȯ) for (B, N, H, D) inputs and their tangents (None = zero)."""
+        return attention_with_tangent(q, k, v, q_dot, k_dot, v_dot, backend=self.attention_backend)
 
     def _norm_tangent(self, norm: nn.Module, x: torch.Tensor, x_dot: torch.Tensor) -> torch.Tensor:
         """Tangent of the q/k norm, split into heads."""
@@ -237,9 +247,9 @@ class WanCrossAttention(WanSelfAttention):
         k = self.norm_k(self.k(context_BLD)).unflatten(-1, (self.num_heads, -1))
         v = self.v(context_BLD).unflatten(-1, (self.num_heads, -1))
         if x_dot is None:
-            return self.o(attention(q, k, v, backend=self.attention_backend).flatten(2))
+            return self.o(self.attend(q, k, v).flatten(2))
         q_dot = self._norm_tangent(self.norm_q, q_in, linear_tangent(self.q.weight, x_dot))
-        out, out_dot = attention_with_tangent(q, k, v, q_dot.to(q.dtype), None, None, backend=self.attention_backend)
+        out, out_dot = self.attend_with_tangent(q, k, v, q_dot.to(q.dtype), None, None)
         return self.o(out.flatten(2)), linear_tangent(self.o.weight, out_dot.flatten(2))
 
 
@@ -433,7 +443,7 @@ class WanDiT(nn.Module):
 
         tokens = self.patch_embedding(x_BCTHW.to(linear_dtype))
         grid_THW = tuple(tokens.shape[2:])
-        x_BLD = tokens.flatten(2).transpose(1, 2).to(wide)
+        x_BLD = self.shard_tokens(tokens.flatten(2).transpose(1, 2).to(wide), dim=1)
 
         sinusoid = sinusoidal_time_embedding(timestep_B, config.freq_dim).to(wide)
         time_BD = self._time_embedding(sinusoid, wide)
@@ -444,13 +454,13 @@ class WanDiT(nn.Module):
         context_BLD = self.text_embedding(F.pad(context_BLD.to(linear_dtype), (0, 0, 0, padding)))
 
         cos, sin = rope_cos_sin(grid_THW, config.rope_axis_dims, device=x_BLD.device)
-        rope = (cos.to(wide), sin.to(wide))
+        rope = (self.shard_tokens(cos.to(wide), dim=0), self.shard_tokens(sin.to(wide), dim=0))
         if with_tangent:
             return self._forward_with_tangent(x_BLD, x_dot, timestep_B, timestep_dot, sinusoid, time_BD, time_B6D,
                                               context_BLD, rope, grid_THW)
         for block in self.blocks:
             x_BLD = block(x_BLD, time_B6D, context_BLD, rope)
-        patches = self.head(x_BLD, time_BD)
+        patches = self.gather_tokens(self.head(x_BLD, time_BD), dim=1)
         return self._unpatchify(patches, grid_THW)
 
     def _forward_with_tangent(self, x_BLD, x_dot, timestep_B, timestep_dot, sinusoid, time_BD, time_B6D,
@@ -460,12 +470,25 @@ class WanDiT(nn.Module):
         linear_dtype = self.patch_embedding.weight.dtype
         with torch.no_grad():
             tokens_dot = F.conv3d(x_dot.to(linear_dtype), self.patch_embedding.weight, stride=self.config.patch_size)
-            x_BLD_dot = tokens_dot.flatten(2).transpose(1, 2).to(wide)
+            x_BLD_dot = self.shard_tokens(tokens_dot.flatten(2).transpose(1, 2).to(wide), dim=1)
             time_BD_dot, time_B6D_dot = self._time_tangent(timestep_B, timestep_dot, sinusoid, time_BD, wide)
         for block in self.blocks:
             x_BLD, x_BLD_dot = block(x_BLD, time_B6D, context_BLD, rope, x_BLD_dot, time_B6D_dot)
         patches, patches_dot = self.head(x_BLD, time_BD, x_BLD_dot, time_BD_dot)
+        patches = self.gather_tokens(patches, dim=1)
+        with torch.no_grad():
+            patches_dot = self.gather_tokens(patches_dot, dim=1)
         return self._unpatchify(patches, grid_THW), self._unpatchify(patches_dot, grid_THW)
+
+    # Context parallelism (rcm/parallel/context_parallel.py) replaces these two on the instance so that
+    # the blocks see only this rank's share of the tokens; in one process every rank's share is all of them.
+    def shard_tokens(self, tokens: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's share of the video tokens along ``dim`` (the token axis): here, all of them."""
+        return tokens
+
+    def gather_tokens(self, tokens: torch.Tensor, dim: int) -> torch.Tensor:
+        """Every rank's share of the tokens concatenated along ``dim``, the inverse of `shard_tokens`: here, the input."""
+        return tokens
 
     @torch.no_grad()
     def _time_tangent(self, timestep_B, timestep_dot, sinusoid, time_BD, wide):
