@@ -61,9 +61,15 @@ def main() -> None:
                                                     student_steps=steps, text_len=cfg.model.text_len)
                 results.setdefault(f"{method}|{steps}", []).append(summarize(toy_metrics(samples, ids, mixture)))
             print(f"[quality] {method} seed {seed} done", flush=True)
+            table = write_results(results, out)  # after every run, so a long benchmark can be read while it runs
+    _plot(results, out / "quality.png")
+    print(f"\n{len(args.seeds)} seeds, {args.iters} distillation iterations per run\n" + table)
 
+
+def write_results(results: dict[str, list[dict]], out: Path) -> str:
+    """quality.json and quality.md (mean ± std over seeds); returns the markdown table."""
     (out / "quality.json").write_text(json.dumps(results, indent=2))
-    lines = ["| model | steps | precision ↑ | mode recall ↑ | mode KL ↓ |", "|---|---:|---:|---:|---:|"]
+    lines = ["| model | steps | seeds | precision ↑ | mode recall ↑ | mode KL ↓ |", "|---|---:|---:|---:|---:|---:|"]
     for key, runs in results.items():
         model, steps = key.split("|")
 
@@ -72,11 +78,10 @@ def main() -> None:
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             return f"{statistics.mean(values):.3f} ± {spread:.3f}"
 
-        lines.append(f"| {model} | {steps} | {cell('precision')} | {cell('recall')} | {cell('mode_kl')} |")
+        lines.append(f"| {model} | {steps} | {len(runs)} | {cell('precision')} | {cell('recall')} | {cell('mode_kl')} |")
     table = "\n".join(lines)
     (out / "quality.md").write_text(table + "\n")
-    _plot(results, out / "quality.png")
-    print(f"\n{len(args.seeds)} seeds, {args.iters} distillation iterations per run\n" + table)
+    return table
 
 
 def _plot(results: dict[str, list[dict]], path: Path) -> None:
