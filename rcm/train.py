@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -39,6 +40,9 @@ from rcm.launch.heartbeat import Heartbeat, describe_heartbeats
 from rcm.launch.requeue import stop_and_requeue
 from rcm.launch.signals import StopRequest
 from rcm.models.wan_dit import WanDiT, WanDiTConfig
+from rcm.parallel.gradient_accumulation import backward_micro_batches, split_micro_batches
+from rcm.parallel.mesh import build_device_mesh, data_parallel_rank, mesh_dims
+from rcm.parallel.parallelize import parallelize_wan_dit
 from rcm.parallel.distributed import (
     DistributedInfo,
     all_reduce_gradients,
@@ -88,6 +92,16 @@ class Trainer:
             self.teacher = copy.deepcopy(self.student).requires_grad_(False).eval()
             if uses_fake_score(distill.method, distill.loss_scale_dmd):
                 self.fake_score = copy.deepcopy(self.student)
+        # Sharding comes after every network exists in full (a sharded module cannot be deep-copied) and
+        # before optimizers and EMA (they must hold the sharded parameters).
+        self.mesh = build_device_mesh(cfg.parallel, info.world_size, device.type, cfg.model.num_heads)
+        for network in (self.student, self.fake_score):
+            if network is not None:
+                parallelize_wan_dit(network, self.mesh, cfg.parallel)
+        if self.teacher is not None:
+            parallelize_wan_dit(self.teacher, self.mesh, cfg.parallel, frozen=True)
+        # Ranks of one context-parallel group must draw the same batch, noise and times.
+        data_rank, data_world = data_parallel_rank(self.mesh), mesh_dims(self.mesh).data_parallel_size
         betas = tuple(optim.betas)
         self.optimizers = {
             STUDENT: torch.optim.AdamW(self.student.parameters(), lr=optim.lr, betas=betas, weight_decay=optim.weight_decay)
@@ -98,7 +112,7 @@ class Trainer:
             )
         self.base_lr = {STUDENT: optim.lr, "fake_score": optim.lr_fake_score}
         self.ema = PowerEMA(self.student, distill.ema_sigma_rel)
-        self.generator = torch.Generator(device).manual_seed(cfg.train.seed * 100_003 + info.rank)
+        self.generator = torch.Generator(device).manual_seed(cfg.train.seed * 100_003 + data_rank)
         self.negative_embedding = load_negative_embedding(cfg.data.negative_embedding, device)
         self.loader = ShardLoader(
             cfg.data.shards,
@@ -107,8 +121,8 @@ class Trainer:
             text_len=cfg.model.text_len,
             text_dim=cfg.model.text_dim,
             seed=cfg.train.seed,
-            rank=info.rank,
-            world_size=info.world_size,
+            rank=data_rank,
+            world_size=data_world,
             shuffle_buffer=cfg.data.shuffle_buffer,
         )
         self.distiller = Distiller(distill, self.student, self.teacher, self.fake_score, self.negative_embedding, self.generator)
@@ -217,12 +231,19 @@ class Trainer:
         network, optimizer = self.networks()[role], self.optimizers[role]
         self._set_lr(role)
         optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            result = self.distiller.loss(batch, self.iteration, self.student_iteration)
-        result.loss.backward()
-        all_reduce_gradients(network.parameters(), self.info.world_size)
+
+        def micro_batch_loss(micro_batch):
+            with self._autocast():
+                return self.distiller.loss(micro_batch, self.iteration, self.student_iteration)
+
+        micro_batches = split_micro_batches(batch, self.cfg.parallel.grad_accumulation)
+        result = backward_micro_batches(network, micro_batches, micro_batch_loss)[-1]
+        if self.mesh is None:  # FSDP2 reduces gradients itself
+            all_reduce_gradients(network.parameters(), self.info.world_size)
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), max_norm)
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
         if torch.isfinite(grad_norm):
             optimizer.step()
         else:  # a NaN that the loss guards could not stop (e.g. inside the network): skip, don't poison Adam

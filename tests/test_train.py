@@ -12,7 +12,7 @@ import torch
 from rcm.config import ConfigError, load_config
 from rcm.data.shards import ShardError
 from rcm.parallel.distributed import DistributedInfo
-from rcm.train import Trainer, train
+from rcm.train import Trainer, build_network, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,3 +110,27 @@ def test_torchrun_two_processes_gloo(toy_setup, tmp_path):
     # Both ranks must hold the same student after gradient averaging: reload and compare per rank.
     states = [torch.load(final / f"rank_{r:05d}.pt", weights_only=False) for r in range(2)]
     assert states[0]["loader"] != states[1]["loader"] or states[0]["generator"].ne(states[1]["generator"]).any()
+
+
+def test_context_parallel_training_matches_one_process(toy_setup, tmp_path):
+    """torchrun with parallel.cp=2 (Ulysses, FSDP2 over the CP group) trains the same networks as one process:
+    the CP ranks share one data stream and one noise generator, so only summation order differs."""
+    common = [
+        "experiment=toy_rcm", f"data.shards={toy_setup / 'data'}", f"distill.teacher_checkpoint={toy_setup / 'teacher.pth'}",
+        "train.batch_size=2", "train.max_iters=3", "distill.tangent_warmup=1", "distill.student_update_freq=2",
+        "train.save_every=3", "train.progress_bar=false", "train.device=cpu", "train.async_save=false",
+    ]
+    single = Trainer(load_config([*common, f"run_dir={tmp_path / 'single'}"]), torch.device("cpu"), DistributedInfo())
+    single.run()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "rcm.train",
+               *common, f"run_dir={tmp_path / 'cp'}", "parallel.cp=2", "parallel.dp_shard=1"]
+    result = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for role in ("student", "ema"):
+        reference, sharded = build_network(single.cfg.model), build_network(single.cfg.model)
+        from rcm.checkpoint.weights import load_model_weights
+
+        load_model_weights(reference, tmp_path / "single", prefer=role)
+        load_model_weights(sharded, tmp_path / "cp", prefer=role)
+        for (name, a), b in zip(reference.state_dict().items(), sharded.state_dict().values()):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (role, name)

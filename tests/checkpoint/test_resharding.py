@@ -49,7 +49,7 @@ def _worker(rank: int, world_size: int, phase: str, root: Path, work: Path) -> N
             return
         trainer = Trainer(toy_config(root, work / "run", 3), torch.device("cpu"), info)
         assert trainer.resume()
-        after_resume = {"student": {k: v.clone() for k, v in trainer.student.state_dict().items()},
+        after_resume = {"student": _full(trainer.student),
                         "loader": trainer.loader.state_dict(), "generator": trainer.generator.get_state(),
                         "iteration": trainer.iteration, "student_iteration": trainer.student_iteration}
         trainer.run()
@@ -58,9 +58,16 @@ def _worker(rank: int, world_size: int, phase: str, root: Path, work: Path) -> N
         assert dtensors.load(dtensors.latest(), state) is None  # written by 4 ranks: no rank file maps to this one
         torch.save({"after_resume": after_resume, "loader_after_run": trainer.loader.state_dict(),
                     "rows": state["student"]["rows"].to_local(), "cols": state["student"]["cols"].to_local(),
-                    "final_student": trainer.student.state_dict()}, work / f"result_{rank}.pt")
+                    "final_student": _full(trainer.student)}, work / f"result_{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _full(model) -> dict[str, torch.Tensor]:
+    """The model's full (unsharded) tensors: multi-process training shards the networks with FSDP2."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in model.state_dict().items()}
 
 
 def test_resume_a_four_rank_checkpoint_on_two_ranks(toy_setup, tmp_path):
