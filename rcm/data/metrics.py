@@ -79,3 +79,25 @@ def toy_metrics(samples: torch.Tensor, class_ids: torch.Tensor, mixture: ToyMixt
         "samples_per_class": samples_per_class.tolist(),
         "num_samples": len(class_ids),
     }
+
+
+def sliced_wasserstein(samples: torch.Tensor, reference: torch.Tensor, num_projections: int = 256, seed: int = 0) -> float:
+    """Sliced Wasserstein-2 distance between two sample sets (N, ...) and (M, ...), flattened.
+
+    Both sets are projected on the same random unit directions; along each direction W2 between the two
+    1-D empirical distributions is computed from matched quantiles (N and M may differ), and the result
+    is the root mean square over directions.
+    """
+    x = torch.as_tensor(samples).detach().to("cpu", torch.float64).flatten(1)
+    y = torch.as_tensor(reference).detach().to("cpu", torch.float64).flatten(1)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"sliced_wasserstein: samples have {x.shape[1]} values each, the reference {y.shape[1]}")
+    if len(x) == 0 or len(y) == 0:
+        raise ValueError("sliced_wasserstein needs at least one sample in each set")
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.randn(x.shape[1], num_projections, generator=generator, dtype=torch.float64)
+    directions /= directions.norm(dim=0, keepdim=True)
+    levels = torch.linspace(0, 1, max(len(x), len(y)), dtype=torch.float64)
+    x_quantiles = torch.quantile(x @ directions, levels, dim=0)
+    y_quantiles = torch.quantile(y @ directions, levels, dim=0)
+    return float(((x_quantiles - y_quantiles) ** 2).mean().sqrt())

@@ -77,3 +77,21 @@ def test_wrong_sample_shape_is_rejected(mixture):
     """Samples whose latent shape differs from the mixture's fail with a ValueError naming the shapes."""
     with pytest.raises(ValueError, match="shape"):
         toy_metrics(torch.zeros(4, 4, 2, 8, 9), torch.zeros(4, dtype=torch.long), mixture)
+
+
+def test_sliced_wasserstein_of_shifted_gaussians():
+    """W2 between N(0, I) and N(μ, I) is ‖μ‖; projected on a unit direction u it is |u·μ|, and the mean of
+    (u·μ)² over random unit directions in D dimensions is ‖μ‖²/D."""
+    import math
+
+    from rcm.data.metrics import sliced_wasserstein
+
+    g = torch.Generator().manual_seed(0)
+    dim = 8
+    x = torch.randn(20000, dim, generator=g, dtype=torch.float64)
+    shift = torch.full((dim,), 0.5, dtype=torch.float64)
+    y = torch.randn(20000, dim, generator=g, dtype=torch.float64) + shift
+    expected = shift.norm().item() / math.sqrt(dim)
+    assert abs(sliced_wasserstein(x, y, num_projections=512) - expected) < 0.05 * expected + 0.02
+    assert sliced_wasserstein(x, x) == 0.0
+    assert sliced_wasserstein(x[:5000], x[5000:15000]) < 0.05  # same distribution, different sizes
