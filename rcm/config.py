@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING, OmegaConf
 
-from rcm.distill.time import TimeSamplerConfig
+from rcm.distill.time import TimeSamplerConfig, as_time_sampler_config
 from rcm.models.wan_dit import WanDiTConfig
 from rcm.parallel.mesh import parallel_config_problems
 
@@ -186,7 +186,7 @@ def validate_config(cfg: Any) -> None:
     if parallel is not None:
         _validate_parallel(parallel, cfg.model, data.latent_shape, train.batch_size)
     for key in ("scm_time", "dmd_time", "flow_matching_time"):
-        TimeSamplerConfig(**OmegaConf.to_container(distill[key]) if OmegaConf.is_config(distill[key]) else vars(distill[key]))
+        as_time_sampler_config(distill[key])
 
 
 def _validate_checkpointing(train: Any) -> None:

@@ -45,7 +45,6 @@ from rcm.parallel.mesh import build_device_mesh, data_parallel_rank, mesh_dims
 from rcm.parallel.parallelize import parallelize_wan_dit
 from rcm.parallel.distributed import (
     DistributedInfo,
-    all_reduce_gradients,
     init_distributed,
     resolve_device,
     shutdown_distributed,
@@ -238,8 +237,6 @@ class Trainer:
 
         micro_batches = split_micro_batches(batch, self.cfg.parallel.grad_accumulation)
         result = backward_micro_batches(network, micro_batches, micro_batch_loss)[-1]
-        if self.mesh is None:  # FSDP2 reduces gradients itself
-            all_reduce_gradients(network.parameters(), self.info.world_size)
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), max_norm)
         if isinstance(grad_norm, DTensor):

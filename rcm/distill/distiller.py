@@ -15,7 +15,7 @@ from torch import nn
 from rcm.distill import dcm, dmd
 from rcm.distill.flow_matching import flow_matching_loss
 from rcm.distill.scm import scm_loss
-from rcm.distill.time import TimeSamplerConfig, sample_rf_time, sample_trig_time
+from rcm.distill.time import TimeSamplerConfig, as_time_sampler_config, sample_rf_time, sample_trig_time
 from rcm.distill.trigflow import denoise, guided_denoise, noisy
 
 STUDENT = "student"
@@ -81,7 +81,7 @@ class Distiller:
         return torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
 
     def _trig_time(self, sampler: TimeSamplerConfig, n: int, device) -> torch.Tensor:
-        return sample_trig_time(_sampler(sampler), n, self.generator, device)
+        return sample_trig_time(as_time_sampler_config(sampler), n, self.generator, device)
 
     def _teacher_x0(self, x_t, t, context) -> torch.Tensor:
         with torch.no_grad():
@@ -106,7 +106,7 @@ class Distiller:
         if self.negative_embedding is not None and drop.any():
             negative = self.negative_embedding.to(context.dtype).expand(x0.shape[0], -1, -1)
             context = torch.where(drop[:, None, None], negative, context)
-        s = sample_rf_time(_sampler(self.cfg.flow_matching_time), x0.shape[0], self.generator, x0.device)
+        s = sample_rf_time(as_time_sampler_config(self.cfg.flow_matching_time), x0.shape[0], self.generator, x0.device)
         loss = flow_matching_loss(self.student, x0, self._randn_like(x0), s, context)
         return StepResult(loss, {"loss/flow_matching": loss.item()})
 
@@ -147,7 +147,7 @@ class Distiller:
         c = self.cfg
         batch = like.shape[0]
         times = dmd.backward_simulation_times(
-            dmd.num_simulation_steps(student_iteration), batch, _sampler(c.dmd_time), c.dmd_fix_timesteps, self.generator, like.device
+            dmd.num_simulation_steps(student_iteration), batch, as_time_sampler_config(c.dmd_time), c.dmd_fix_timesteps, self.generator, like.device
         )
         student_x0 = lambda x, t, ctx: denoise(self.student, x, t, ctx)  # noqa: E731
         return dmd.backward_simulation(
@@ -172,10 +172,3 @@ class Distiller:
         with torch.no_grad():
             target = denoise(self.student, x_next, t_next, context)
         return dcm.dcm_loss(denoise(self.student, x_now, t_now, context), target, c.loss_scale)
-
-
-def _sampler(config: Any) -> TimeSamplerConfig:
-    """Accept both a dataclass and an OmegaConf node."""
-    if isinstance(config, TimeSamplerConfig):
-        return config
-    return TimeSamplerConfig(kind=config.kind, p_mean=config.p_mean, p_std=config.p_std, shift=config.shift)

@@ -64,6 +64,13 @@ class TimeSamplerConfig:
             raise ValueError("time sampler p_std and shift must be positive")
 
 
+def as_time_sampler_config(node) -> TimeSamplerConfig:
+    """A TimeSamplerConfig from itself or from a config node with the same fields (validated)."""
+    if isinstance(node, TimeSamplerConfig):
+        return node
+    return TimeSamplerConfig(kind=node.kind, p_mean=node.p_mean, p_std=node.p_std, shift=node.shift)
+
+
 def shift_rf_time(u: torch.Tensor, shift: float) -> torch.Tensor:
     """Wan's timestep shift: s = shift·u / (1 + (shift−1)·u); shift > 1 moves mass to high noise."""
     u = u.double()

@@ -69,22 +69,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def all_reduce_gradients(parameters, world_size: int) -> None:
-    """Average gradients over data-parallel ranks (one flat all-reduce)."""
-    if world_size == 1:
-        return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
 def barrier(info: DistributedInfo) -> None:
     """Wait for every rank (no-op in a single process)."""
     if info.world_size > 1:
