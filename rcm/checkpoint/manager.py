@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import AsyncStager
+from torch.distributed.tensor import DTensor
 
 from rcm.checkpoint.verify import CheckpointCorruptError, read_metadata, verify_checkpoint, verify_torch_file
 from rcm.parallel.distributed import DistributedInfo, barrier
@@ -315,8 +316,9 @@ def iteration_of(path: str | Path) -> int:
 
 
 class _PlainTensorStager(AsyncStager):
-    """A fallback stager: copies each tensor into a CPU buffer kept from one save to the next (page-locked for CUDA
-    tensors), containers rebuilt as plain dicts/lists, everything else shared (it is immutable in a state dict)."""
+    """A fallback stager: copies each tensor (a DTensor's local shard) into a CPU buffer kept from one save to the
+    next (page-locked for CUDA tensors), containers rebuilt as plain dicts/lists, everything else shared (it is
+    immutable in a state dict)."""
 
     _synchronize_after_execute = False
 
@@ -336,6 +338,10 @@ class _PlainTensorStager(AsyncStager):
             return type(tree)(self._copy(value, path + (i,)) for i, value in enumerate(tree))
         if not torch.is_tensor(tree):
             return tree
+        if isinstance(tree, DTensor):  # FSDP2 state: stage this rank's shard, keep the global layout for DCP
+            local = self._copy(tree.to_local(), path)
+            return DTensor.from_local(local, tree.device_mesh, tree.placements, run_check=False,
+                                      shape=tree.shape, stride=tree.stride())
         if type(tree) is not torch.Tensor and not isinstance(tree, torch.nn.Parameter):
             raise TypeError(f"cannot stage a {type(tree).__name__} at {'.'.join(map(str, path))}: set train.async_save=false "
                             "or use a torch whose DCP staging copies it")

@@ -19,6 +19,8 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 @torch.no_grad()
 def linear_tangent(weight: torch.Tensor, x_dot: torch.Tensor) -> torch.Tensor:
     """d(Wx + b) = W·ẋ (the bias is constant)."""
+    if torch.is_autocast_enabled(x_dot.device.type):  # autocast casts both; widening ẋ first would only copy it
+        return F.linear(x_dot, weight)
     return F.linear(x_dot.to(weight.dtype), weight)
 
 

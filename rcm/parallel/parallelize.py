@@ -1,7 +1,7 @@
 """`parallelize_wan_dit`: context parallelism, activation checkpointing and FSDP2 applied to a plain WanDiT.
 
 The order is fixed, as in torchtitan: context parallelism first (it swaps the attention and token
-hooks that the blocks call), activation checkpointing next (it wraps the block's forward, so a
+hooks that the blocks call), torch.compile of each block (optional) next, activation checkpointing then (it wraps the block's forward, so a
 recompute also repeats the Ulysses all-to-alls), FSDP2 last (its hooks go around everything else).
 Build every network (student, fake score, teacher) in full first, then parallelize each: a sharded
 module can no longer be deep-copied.
@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from rcm.parallel.activation_checkpointing import apply_activation_checkpointing
+from rcm.parallel.compile import apply_compile
 from rcm.parallel.context_parallel import apply_context_parallel
 from rcm.parallel.fsdp import apply_fsdp, mixed_precision_policy
 from rcm.parallel.mesh import ParallelMesh
@@ -29,6 +30,8 @@ def parallelize_wan_dit(model: nn.Module, mesh: ParallelMesh | None, config: Any
         raise ValueError("parallelize_wan_dit(frozen=True) is for the teacher: call model.requires_grad_(False) first.")
     if mesh is not None:
         apply_context_parallel(model, mesh.cp)
+    if config.compile:
+        apply_compile(model)
     if not frozen and config.activation_checkpointing_every > 0:
         apply_activation_checkpointing(model, every=config.activation_checkpointing_every)
     if mesh is None:

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rcm.checkpoint.manager import CheckpointManager
+from rcm.checkpoint.manager import CheckpointManager, _PlainTensorStager
 from rcm.checkpoint.resharding import rederive_loader_position, reseeded, samples_in_shard
 from rcm.checkpoint.weights import load_model_weights
 from rcm.config import load_config
@@ -46,6 +46,10 @@ def _worker(rank: int, world_size: int, phase: str, root: Path, work: Path) -> N
             Trainer(toy_config(root, work / "run", 2), torch.device("cpu"), info).run()
             state = {"student": {"rows": distribute_tensor(FULL, mesh, [Shard(0)]), "cols": distribute_tensor(FULL, mesh, [Shard(1)])}}
             dtensors.save(1, state, {"rank": rank}, wait=True)
+            # rcm's fallback stager (used where DCP's own staging fails) must stage DTensor shards the same way.
+            fallback = CheckpointManager(work / "dtensor_fallback", info, async_save=True)
+            fallback._stager = _PlainTensorStager()
+            fallback.save(1, state, {"rank": rank}, wait=True)
             return
         trainer = Trainer(toy_config(root, work / "run", 3), torch.device("cpu"), info)
         assert trainer.resume()
@@ -56,8 +60,12 @@ def _worker(rank: int, world_size: int, phase: str, root: Path, work: Path) -> N
         state = {"student": {"rows": distribute_tensor(torch.zeros(8, 6), mesh, [Shard(0)]),
                              "cols": distribute_tensor(torch.zeros(8, 6), mesh, [Shard(0)])}}  # another layout too
         assert dtensors.load(dtensors.latest(), state) is None  # written by 4 ranks: no rank file maps to this one
+        fallback = CheckpointManager(work / "dtensor_fallback", info)
+        staged_by_fallback = {"student": {"rows": distribute_tensor(torch.zeros(8, 6), mesh, [Shard(1)])}}
+        fallback.load_entries(fallback.latest(), staged_by_fallback)
         torch.save({"after_resume": after_resume, "loader_after_run": trainer.loader.state_dict(),
-                    "rows": state["student"]["rows"].to_local(), "cols": state["student"]["cols"].to_local(),
+                    "rows": state["student"]["rows"].to_local(),
+                    "fallback_rows": staged_by_fallback["student"]["rows"].to_local(), "cols": state["student"]["cols"].to_local(),
                     "final_student": _full(trainer.student)}, work / f"result_{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -97,6 +105,7 @@ def test_resume_a_four_rank_checkpoint_on_two_ranks(toy_setup, tmp_path):
         assert torch.equal(resumed["generator"], expected_generator)
         assert torch.equal(result["rows"], FULL[4 * rank: 4 * rank + 4])
         assert torch.equal(result["cols"], FULL[4 * rank: 4 * rank + 4])
+        assert torch.equal(result["fallback_rows"], FULL[:, 3 * rank: 3 * rank + 3])
     assert all(torch.equal(results[0]["final_student"][k], results[1]["final_student"][k]) for k in saved_student)
     assert (tmp_path / "run/checkpoints/iter_000000003/COMPLETE").is_file()
     assert len(list((tmp_path / "run/checkpoints/iter_000000003").glob("rank_*.pt"))) == 2
