@@ -1,6 +1,7 @@
 """Training stall of an asynchronous checkpoint against a synchronous one, for the Wan2.1 1.3B rCM training state.
 
     python bench/async_save.py --dir /local/disk/ckpt_bench        # CUDA: the real 1.3B state (~40 GB)
+    python bench/async_save.py --dir D --latent 21 60 104 --checkpointing   # the 480p step (32,760 tokens)
     python bench/async_save.py --smoke                             # CPU: the tiny model, to check the script
 
 The state is what rCM training holds, all float32 (bf16 autocast keeps float32 master weights): the student,
@@ -13,7 +14,9 @@ autocast on a latent video, the AdamW update and the EMA update. Measured with `
   asynchronous save also allocates and pins the staging buffers; the second reuses them (steady state).
 
 The stall ratio (async / sync) is the number to keep small (goal ≤ 10 %). Each checkpoint is deleted after
-its measurement, so the disk needs room for one.
+its measurement, so the disk needs room for one. The default step (1,560 tokens, ~0.3 s) is launch-bound:
+the writer thread's share of the GIL slows it most; the 480p step with every block checkpointed is
+GPU-bound, as real training at that shape is.
 """
 from __future__ import annotations
 
@@ -37,16 +40,21 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_op
 from rcm.checkpoint.manager import CheckpointManager, read_marker  # noqa: E402
 from rcm.distill.ema import PowerEMA  # noqa: E402
 from rcm.models.wan_dit import WanDiT, WanDiTConfig  # noqa: E402
+from rcm.parallel.activation_checkpointing import apply_activation_checkpointing  # noqa: E402
 
 
 class TrainingState:
     """Student, EMA, fake score and two AdamW optimizers, with a representative student step."""
 
-    def __init__(self, model: str, latent: tuple[int, ...], device: torch.device):
+    def __init__(self, model: str, latent: tuple[int, ...], device: torch.device, checkpointing: bool = False):
         config = WanDiTConfig(**yaml.safe_load((REPO / "configs/model" / f"{model}.yaml").read_text()))
+        if device.type == "cuda":
+            config.attention_backend = "triton"
         with device:
             self.student = WanDiT(config)
         self.fake_score = copy.deepcopy(self.student)
+        if checkpointing:  # after the copy: the wrapper holds the block's own bound forward
+            apply_activation_checkpointing(self.student)
         self.ema = PowerEMA(self.student, 0.1)
         self.optimizers = {
             "student": torch.optim.AdamW(self.student.parameters(), lr=2e-6, betas=(0.0, 0.999)),
@@ -122,6 +130,7 @@ def main() -> None:
     parser.add_argument("--latent", type=int, nargs=3, default=[2, 30, 52], metavar=("T", "H", "W"),
                         help="latent frames, height, width (default 1560 tokens: without activation checkpointing "
                              "a block keeps ~170 KB per token, and the state itself takes ~40 GB)")
+    parser.add_argument("--checkpointing", action="store_true", help="checkpoint every block (needed for 480p)")
     parser.add_argument("--baseline-steps", type=int, default=6)
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU")
     args = parser.parse_args()
@@ -129,13 +138,13 @@ def main() -> None:
         args.model, args.latent, args.baseline_steps = "tiny", [2, 8, 8], 3
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     torch.manual_seed(0)
-    state = TrainingState(args.model, tuple(args.latent), device)
+    state = TrainingState(args.model, tuple(args.latent), device, args.checkpointing)
     for _ in range(2):
         state.step()  # warm-up: kernels, allocator
     baseline = statistics.median(state.step() for _ in range(args.baseline_steps))
     shutil.rmtree(args.dir, ignore_errors=True)
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-               "model": args.model, "latent": args.latent, "state_gb": state.state_bytes() / 1e9, "baseline_step_s": baseline}
+               "model": args.model, "latent": args.latent, "checkpointing": args.checkpointing, "state_gb": state.state_bytes() / 1e9, "baseline_step_s": baseline}
     results["sync"] = measure_save(state, CheckpointManager(args.dir / "sync", async_save=False), baseline, 1)
     print(json.dumps(results["sync"]), flush=True)
     asynchronous = CheckpointManager(args.dir / "async", async_save=True)

@@ -69,12 +69,17 @@ def _encode_sample(sample: dict, index: int) -> dict:
     }
 
 
+def partial_shard_path(final_path: Path) -> Path:
+    """The hidden temporary name a shard is written under until it is complete."""
+    return final_path.with_name(f".{final_path.name}.partial")
+
+
 class _PartialShard:
     """One shard being written under a hidden temporary name, renamed to its final name only when complete."""
 
     def __init__(self, final_path: Path):
         self.final_path = final_path
-        self.temporary_path = final_path.with_name(f".{final_path.name}.partial")
+        self.temporary_path = partial_shard_path(final_path)
         self.file = open(self.temporary_path, "wb")
         # mtime fixed so the same samples give byte-identical shards; an int, since a float mtime makes
         # tarfile add a pax header to every member.

@@ -143,9 +143,10 @@ class T5Attention(nn.Module):
                    for projection in (self.q, self.k, self.v))
         # Written out rather than through rcm.ops.attention: T5 needs an additive bias and no 1/sqrt(d)
         # scaling, and the official encoder's numerics (scores in the model dtype, softmax in float32) are
-        # kept so embeddings match the ones Wan's DiT was trained on.
+        # kept so embeddings match the ones Wan's DiT was trained on (float64 stays float64, for tests).
         scores = torch.matmul(q, k.transpose(-1, -2)) + bias_BNLL
-        weights = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
+        weights = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
+        weights = weights.to(scores.dtype)
         out = torch.matmul(weights, v).transpose(1, 2).reshape(batch, length, -1)
         return self.o(out)
 

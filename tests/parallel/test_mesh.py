@@ -14,7 +14,7 @@ from tests.helpers import tiny_dit
 
 
 def _config(**overrides):
-    values = dict(dp_replicate=1, dp_shard=-1, cp=1, activation_checkpointing_every=0, grad_accumulation=1,
+    values = dict(dp_replicate=1, dp_shard=-1, cp=1, compile=False, activation_checkpointing_every=0, grad_accumulation=1,
                   reshard_after_forward=True, param_dtype="bfloat16", reduce_dtype="float32")
     return SimpleNamespace(**{**values, **overrides})
 

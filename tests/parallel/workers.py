@@ -30,7 +30,7 @@ STUDENT_ITERATION = 1  # two backward-simulation steps: a no-grad student forwar
 def parallel_config(spec: dict) -> SimpleNamespace:
     """The ``parallel`` config section of a scenario, float32 everywhere."""
     return SimpleNamespace(
-        dp_replicate=spec.get("dp_replicate", 1), dp_shard=spec.get("dp_shard", 1), cp=spec.get("cp", 1),
+        dp_replicate=spec.get("dp_replicate", 1), dp_shard=spec.get("dp_shard", 1), cp=spec.get("cp", 1), compile=False,
         activation_checkpointing_every=spec.get("ac_every", 0), grad_accumulation=spec.get("grad_accumulation", 1),
         reshard_after_forward=spec.get("reshard_after_forward", True), param_dtype="float32", reduce_dtype="float32")
 

@@ -1,0 +1,82 @@
+"""Where an evaluated (or data-generating) network comes from: a training run directory, or a bare
+checkpoint (.pth, DCP directory) with a model preset. Weights are loaded only when needed, so a run that
+only gathers results never reads a checkpoint."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from rcm.checkpoint.weights import load_model_weights, resolve_checkpoint
+
+RUN_CONFIG_FILE = "config.yaml"
+
+
+def load_run_config(run_dir: str | Path) -> Any:
+    """The resolved config a training run saved next to its checkpoints."""
+    path = Path(run_dir) / RUN_CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: {path} is missing")
+    return OmegaConf.load(path)
+
+
+def is_run_directory(path: str | Path) -> bool:
+    """True for a training run directory (it holds the run's config.yaml)."""
+    return (Path(path) / RUN_CONFIG_FILE).is_file()
+
+
+@dataclass
+class NetworkSource:
+    """A checkpoint path, the model config to build its network, and the run's config when it is a run directory."""
+
+    path: Path
+    model_cfg: Any
+    run_cfg: Any | None = None
+
+    @classmethod
+    def open(cls, path: str | Path, model: str | None = None, fallback_model_cfg: Any | None = None) -> NetworkSource:
+        """Describe `path`: its model is the preset `model` (configs/model/NAME.yaml) if given, else the run's own
+        model, else `fallback_model_cfg`."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint or run directory {path} does not exist")
+        run_cfg = load_run_config(path) if is_run_directory(path) else None
+        if model is not None:
+            from rcm.config import load_config
+
+            model_cfg = load_config([f"model={model}", "distill.method=flow_matching"]).model
+        elif run_cfg is not None:
+            model_cfg = run_cfg.model
+        elif fallback_model_cfg is not None:
+            model_cfg = fallback_model_cfg
+        else:
+            raise ValueError(f"{path} is not a run directory (no {RUN_CONFIG_FILE}); name its model with --model PRESET")
+        return cls(path=path, model_cfg=model_cfg, run_cfg=run_cfg)
+
+    def run_setting(self, dotted_key: str, default: Any = None) -> Any:
+        """A key of the run's config (e.g. 'distill.guidance_scale'), or `default` without a run config."""
+        if self.run_cfg is None:
+            return default
+        value = OmegaConf.select(self.run_cfg, dotted_key, default=default)
+        return default if value is None else value
+
+    def checkpoint(self) -> str:
+        """The checkpoint actually read (a run directory's latest complete one), as an absolute path."""
+        return str(resolve_checkpoint(self.path).resolve())
+
+    def load(self, weights: str = "ema", device: str | torch.device = "cpu") -> torch.nn.Module:
+        """The network with its EMA (or raw student) weights, in eval mode, without gradients."""
+        from rcm.train import build_network
+
+        network = build_network(self.model_cfg)
+        load_model_weights(network, self.path, prefer=weights)
+        return network.to(device).eval().requires_grad_(False)
+
+
+def load_network(run_dir: str | Path, weights: str = "ema", device: str = "cpu") -> tuple[torch.nn.Module, Any]:
+    """The run's network with its EMA (or raw student) weights, in eval mode, and the run's config."""
+    run_cfg = load_run_config(run_dir)
+    return NetworkSource(Path(run_dir), run_cfg.model, run_cfg).load(weights, device), run_cfg

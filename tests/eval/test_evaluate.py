@@ -1,0 +1,192 @@
+"""The sharded evaluation CLI: results do not depend on the number of ranks or array tasks, a rerun only
+samples the prompts that have no file, and the report holds the toy, agreement and plug-in metrics."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rcm.data.toy import ToyMixture
+from rcm.eval.metrics_plugins import save_latent_statistics
+from rcm.evaluate import generate_toy_samples, main
+from tests.eval.tiny_checkpoints import TINY_PRESET, write_ground_truth, write_tiny_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+NUM_PROMPTS = 8
+SAMPLES_PER_PROMPT = 4
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """student.pth, teacher.pth, ground_truth.pt and a latent_stats reference file."""
+    root = tmp_path_factory.mktemp("eval_inputs")
+    write_tiny_checkpoint(root / "student.pth", seed=1)
+    write_tiny_checkpoint(root / "teacher.pth", seed=0)
+    mixture = write_ground_truth(root / "ground_truth.pt")
+    reference = mixture.sample(torch.arange(NUM_PROMPTS).repeat(16), torch.Generator().manual_seed(0))
+    save_latent_statistics(reference, root / "latent_stats.pt")
+    return root
+
+
+def evaluate_args(inputs: Path, out: Path, *extra: str) -> list[str]:
+    """A student evaluation (--checkpoint: torchrun would take --run for itself) at 1 and 2 steps with a 2-step CFG reference teacher and the latent_stats plug-in."""
+    return [
+        "--checkpoint", str(inputs / "student.pth"), "--model", TINY_PRESET, "--ground-truth", str(inputs / "ground_truth.pt"),
+        "--steps", "1", "2", "--reference-teacher", str(inputs / "teacher.pth"), "--reference-steps", "2",
+        "--guidance", "2", "--samples-per-prompt", str(SAMPLES_PER_PROMPT), "--seed", "3", "--device", "cpu",
+        "--metric", f"latent_stats={inputs / 'latent_stats.pt'}", "--out", str(out), *extra,
+    ]
+
+
+def run_in_process(argv: list[str]) -> int:
+    """main() with one thread, like each torchrun worker, so float results can be compared bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def prompt_files(out: Path) -> list[Path]:
+    """The per-prompt sample files of an evaluation, in prompt order."""
+    return sorted((out / "samples").glob("prompt_*.pt"))
+
+
+def assert_same_results(a: Path, b: Path) -> None:
+    """Same samples for every prompt and setting, same summary and per-prompt rows."""
+    files_a, files_b = prompt_files(a), prompt_files(b)
+    assert [f.name for f in files_a] == [f.name for f in files_b] and len(files_a) == NUM_PROMPTS
+    for file_a, file_b in zip(files_a, files_b):
+        samples_a, samples_b = torch.load(file_a)["samples"], torch.load(file_b)["samples"]
+        assert samples_a.keys() == samples_b.keys()
+        for name in samples_a:
+            assert torch.equal(samples_a[name], samples_b[name]), (file_a.name, name)
+    report_a, report_b = (json.loads((path / "eval.json").read_text()) for path in (a, b))
+    assert report_a["summary"] == report_b["summary"]
+    assert report_a["prompts"] == report_b["prompts"]
+
+
+@pytest.fixture(scope="module")
+def single_run(inputs, tmp_path_factory) -> Path:
+    """The evaluation in one process."""
+    out = tmp_path_factory.mktemp("single")
+    assert run_in_process(evaluate_args(inputs, out)) == 0
+    return out
+
+
+def test_report_holds_toy_agreement_and_plugin_metrics(single_run):
+    """eval.json has the config, one summary row per setting (toy metrics incl. sliced W2, diversity, agreement
+    for the students, the plug-in's Fréchet distance) and a row per (prompt, setting); eval.md has both tables."""
+    report = json.loads((single_run / "eval.json").read_text())
+    assert report["config"]["samples_per_prompt"] == SAMPLES_PER_PROMPT and report["config"]["num_prompts"] == NUM_PROMPTS
+    summary = {row["setting"]: row for row in report["summary"]}
+    assert list(summary) == ["student_1", "student_2", "reference_teacher_2"]
+    for row in summary.values():
+        for key in ("precision", "recall", "mode_kl", "sliced_wasserstein", "diversity", "latent_frechet"):
+            assert row[key] >= 0, key
+    assert {"agreement_mse", "agreement_cosine", "agreement_psnr"} <= summary["student_1"].keys()
+    assert "agreement_mse" not in summary["reference_teacher_2"]
+    assert len(report["prompts"]) == NUM_PROMPTS * 3
+    markdown = (single_run / "eval.md").read_text()
+    assert "sliced W2" in markdown and "latent_frechet" in markdown and "toy prompt 7" in markdown
+
+
+def test_student_samples_keep_the_legacy_seeds(single_run, inputs):
+    """A prompt file's student samples equal generate_toy_samples' (the demo's and benchmark's entry point)."""
+    from rcm.eval.networks import NetworkSource
+
+    network = NetworkSource.open(inputs / "student.pth", TINY_PRESET).load()
+    mixture = ToyMixture.load(inputs / "ground_truth.pt")
+    samples, class_ids = generate_toy_samples(network, mixture, SAMPLES_PER_PROMPT, seed=3, student_steps=2, text_len=8)
+    record = torch.load(single_run / "samples" / "prompt_00005.pt")
+    assert torch.allclose(record["samples"]["student_2"], samples[class_ids == 5], atol=1e-6)
+
+
+def test_two_ranks_give_the_single_process_results(single_run, inputs, tmp_path):
+    """torchrun with 2 gloo ranks: the same samples per prompt and the same report as one process."""
+    out = tmp_path / "two_ranks"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+               "-m", "rcm.evaluate", *evaluate_args(inputs, out)]
+    result = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "shard 0 of 2: 4 prompt(s) sampled" in result.stdout  # rank 0 sampled only its half
+    assert_same_results(single_run, out)
+
+
+def test_rerun_samples_only_the_missing_prompt(single_run, inputs, tmp_path, capsys):
+    """Delete one prompt file and rerun: only that prompt is sampled again, and the results are unchanged."""
+    out = tmp_path / "resumed"
+    shutil.copytree(single_run, out)
+    before = {path.name: path.stat().st_mtime_ns for path in prompt_files(out)}
+    (out / "samples" / "prompt_00003.pt").unlink()
+    capsys.readouterr()
+    assert run_in_process(evaluate_args(inputs, out)) == 0
+    assert "1 prompt(s) sampled, 7 already done" in capsys.readouterr().out
+    after = {path.name: path.stat().st_mtime_ns for path in prompt_files(out)}
+    assert [name for name in after if after[name] != before[name]] == ["prompt_00003.pt"]
+    assert_same_results(single_run, out)
+
+
+def test_array_tasks_then_gather_only(single_run, inputs, tmp_path, capsys):
+    """Two array tasks (--shard-index i --num-shards 2) then --gather-only give the single-process report;
+    gathering before every shard is done fails and names the missing files."""
+    out = tmp_path / "array"
+    assert run_in_process(evaluate_args(inputs, out, "--shard-index", "0", "--num-shards", "2")) == 0
+    assert not (out / "eval.json").exists() and len(prompt_files(out)) == NUM_PROMPTS // 2
+    assert "run again with --gather-only" in capsys.readouterr().out
+    assert run_in_process(evaluate_args(inputs, out, "--gather-only")) == 1
+    assert "prompt_00001.pt" in capsys.readouterr().err
+    assert run_in_process(evaluate_args(inputs, out, "--shard-index", "1", "--num-shards", "2")) == 0
+    (out / "eval.json").unlink()
+    assert run_in_process(evaluate_args(inputs, out, "--gather-only")) == 0
+    assert_same_results(single_run, out)
+
+
+def test_other_settings_do_not_reuse_old_files(single_run, inputs, tmp_path, capsys):
+    """Prompt files written with another seed are refused with the differing key and what to do."""
+    out = tmp_path / "changed"
+    shutil.copytree(single_run, out)
+    argv = evaluate_args(inputs, out)
+    argv[argv.index("--seed") + 1] = "4"
+    assert run_in_process(argv) == 2
+    error = capsys.readouterr().err
+    assert "differs in: seed" in error and "--overwrite" in error
+
+
+def test_missing_plugin_weights_fail_before_sampling(inputs, tmp_path, capsys):
+    """--metric NAME=PATH with a path that does not exist stops at start, naming the metric and the path."""
+    missing = tmp_path / "no_such_stats.pt"
+    argv = evaluate_args(inputs, tmp_path / "out", "--metric", f"latent_stats={missing}")
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "'latent_stats'" in error and str(missing) in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_teacher_on_embedding_prompts_reports_diversity(inputs, tmp_path):
+    """A teacher on a directory of prompt embeddings (real-latent mode, no ground truth): diversity but no
+    toy metrics, prompt texts from NAME.txt."""
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for name, length in (("cat", 3), ("dog", 8)):
+        torch.save(torch.randn(length, 32, generator=generator), prompts / f"{name}.pt")
+        (prompts / f"{name}.txt").write_text(f"a {name}\n")
+    out = tmp_path / "teacher"
+    argv = ["--run", str(inputs / "teacher.pth"), "--model", TINY_PRESET, "--prompts", str(prompts), "--teacher-steps", "2",
+            "--latent-shape", "4", "2", "8", "8", "--samples-per-prompt", "3", "--device", "cpu", "--out", str(out)]
+    assert run_in_process(argv) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert [row["prompt"] for row in report["prompts"]] == ["a cat", "a dog"]
+    (row,) = report["summary"]
+    assert row["model"] == "teacher (CFG 1)" and row["diversity"] > 0 and "precision" not in row

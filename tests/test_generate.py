@@ -1,0 +1,256 @@
+"""rcm.generate end to end on CPU with a tiny Wan2.1-shaped release saved in tmp_path (tokenizer.json, umT5,
+VAE and the `tiny` DiT preset): prompt → embedding → student → VAE → mp4 plus latents, reproducibility by
+seed, and the error paths; and rcm.video's mp4 writer."""
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from rcm import generate
+from rcm.config import load_config
+from rcm.models.text_encoder import TextEncoder
+from rcm.models.umt5 import OFFICIAL_CHECKPOINT_NAME as UMT5_FILE
+from rcm.models.umt5 import UMT5Config
+from rcm.models.wan_vae import OFFICIAL_CHECKPOINT_NAME as VAE_FILE
+from rcm.train import build_network
+from rcm.video import video_to_uint8_frames, write_mp4
+from tests.helpers import write_tiny_tokenizer, write_tiny_umt5, write_tiny_wan_vae
+
+imageio = pytest.importorskip("imageio.v2")
+pytest.importorskip("imageio_ffmpeg")
+
+# Latent (C, T, H, W) of a 9-frame 32×48 video through the 4×/8× VAE; C is the tiny preset's in_channels.
+LATENT = (4, 3, 4, 6)
+FRAMES, HEIGHT, WIDTH = 9, 32, 48
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """Paths and JSON configs of a tiny release: the `tiny` DiT .pth, umT5 + tokenizer, and the VAE."""
+    root = tmp_path_factory.mktemp("release")
+    model_cfg = load_config(["model=tiny", "distill.method=flow_matching"]).model
+    torch.manual_seed(0)
+    dit = build_network(model_cfg)
+    with torch.no_grad():
+        for parameter in dit.parameters():  # Wan zero-inits the head: randomize so the text and noise matter
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    torch.save(dit.state_dict(), root / "student.pth")
+    write_tiny_tokenizer(root / "google" / "umt5-xxl")
+    t5_config = write_tiny_umt5(root / UMT5_FILE, dim=model_cfg.text_dim)
+    vae_config = write_tiny_wan_vae(root / VAE_FILE, z_dim=model_cfg.in_channels)
+    return {"root": root, "t5_config": json.dumps(t5_config), "vae_config": json.dumps(vae_config)}
+
+
+def cli_args(release, save_path, *extra, video=True, text=True):
+    """Arguments for a CPU float32 run of the tiny release with 2 student steps on the 9-frame latent."""
+    root = release["root"]
+    args = ["--dit_path", str(root / "student.pth"), "--model", "tiny", "--num_steps", "2", "--device", "cpu",
+            "--dtype", "float32", "--latent_shape", *map(str, LATENT), "--save_path", str(save_path)]
+    if text:
+        args += ["--t5_path", str(root / UMT5_FILE), "--tokenizer_path", str(root / "google" / "umt5-xxl"),
+                 "--t5_config", release["t5_config"]]
+    if video:
+        args += ["--vae_path", str(root / VAE_FILE), "--vae_config", release["vae_config"]]
+    return args + list(extra)
+
+
+def read_mp4(path):
+    """Frames (T, H, W, 3) uint8 of an mp4 and its frame rate."""
+    with imageio.get_reader(path, format="FFMPEG") as reader:
+        frames = [frame for frame in reader]
+        fps = reader.get_meta_data()["fps"]
+    return torch.from_numpy(np.stack(frames)), fps
+
+
+def test_help_names_the_flags_and_official_files(capsys):
+    """--help exits 0 and documents the model, text, video and output flags and the Wan2.1 file names."""
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--dit_path", "--num_steps", "--sigma_max", "--num_samples", "--seed", "--prompt", "--resolution",
+                 "--aspect_ratio", "--save_path", "--t5_path", "--tokenizer_path", "--vae_path", "--num_frames",
+                 "--offload", "--prompts_file", "--t5_config", "--vae_config"):
+        assert flag in text
+    assert "Wan2.1_VAE.pth" in text and "umt5-xxl" in text
+
+
+def test_prompt_to_mp4_writes_each_video_and_its_latent(release, tmp_path, capsys):
+    """One mp4 per sample with the decoded frame count, size and fps, and the sampled latent next to it."""
+    save_path = tmp_path / "out" / "fox.mp4"
+    assert generate.main(cli_args(release, save_path, "--prompt", "a red fox runs on the snow",
+                                  "--num_samples", "2", "--fps", "8")) == 0
+    for sample in range(2):
+        video = tmp_path / "out" / f"fox_sample{sample}.mp4"
+        frames, fps = read_mp4(video)
+        assert frames.shape == (FRAMES, HEIGHT, WIDTH, 3) and fps == 8
+        latent = torch.load(video.with_suffix(".pt"))
+        assert latent.shape == (1, *LATENT) and torch.isfinite(latent).all()
+    assert not save_path.exists()  # several videos: numbered names only
+    assert "fox_sample1.mp4" in capsys.readouterr().out
+
+
+def test_same_seed_gives_identical_latents_independent_of_the_other_outputs(release, tmp_path):
+    """A seed fixes the latents: a rerun gives the same tensor, the latent next to an mp4 equals the latents-only
+    run's, sample 0 does not depend on --num_samples, and another seed gives other latents."""
+    prompt = ["--prompt", "a cat runs on the grass"]
+    first, again = tmp_path / "first.pt", tmp_path / "again.pt"
+    assert generate.main(cli_args(release, first, *prompt, "--num_samples", "2", "--seed", "7", video=False)) == 0
+    assert generate.main(cli_args(release, again, *prompt, "--num_samples", "2", "--seed", "7", video=False)) == 0
+    latents = torch.load(first)
+    assert latents.shape == (2, *LATENT)
+    assert torch.equal(latents, torch.load(again))
+    assert not torch.equal(latents[0], latents[1])  # samples get their own noise
+
+    # The VAE is given but the .pt path asks for latents only; the mp4 run stores the same latent.
+    single = tmp_path / "single.pt"
+    assert generate.main(cli_args(release, single, *prompt, "--seed", "7")) == 0
+    torch.testing.assert_close(torch.load(single)[0], latents[0], rtol=0, atol=0)
+    assert generate.main(cli_args(release, tmp_path / "cat.mp4", *prompt, "--seed", "7")) == 0
+    torch.testing.assert_close(torch.load(tmp_path / "cat.pt")[0], latents[0], rtol=0, atol=0)
+
+    other = tmp_path / "other.pt"
+    assert generate.main(cli_args(release, other, *prompt, "--seed", "8", video=False)) == 0
+    assert not torch.allclose(torch.load(other)[0], latents[0])
+
+
+def test_prompts_file_gives_one_output_per_prompt_as_if_run_alone(release, tmp_path):
+    """Each line of --prompts_file is a prompt (blank lines skipped); its latent equals a --prompt run's,
+    and the text matters (two prompts, two latents)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat runs\n\n  the red fox  \n", encoding="utf-8")
+    both = tmp_path / "both.pt"
+    assert generate.main(cli_args(release, both, "--prompts_file", str(prompts), video=False)) == 0
+    alone = tmp_path / "alone.pt"
+    assert generate.main(cli_args(release, alone, "--prompt", "the red fox", video=False)) == 0
+    latents = torch.load(both)
+    assert latents.shape == (2, *LATENT)
+    torch.testing.assert_close(latents[1], torch.load(alone)[0], rtol=0, atol=0)
+    assert not torch.allclose(latents[0], latents[1])
+
+
+def test_prompt_equals_its_precomputed_embedding(release, tmp_path):
+    """--prompt gives the latent that --embedding gives with the same prompt's padded umT5 embedding (the text
+    path is prompt → TextEncoder.encode → the DiT, nothing more)."""
+    root = release["root"]
+    text_encoder = TextEncoder.from_files(root / UMT5_FILE, root / "google" / "umt5-xxl", dtype=torch.float32,
+                                          text_len=8, config=UMT5Config(**json.loads(release["t5_config"])))
+    torch.save(text_encoder.encode(["the red fox runs"])[0][0], tmp_path / "fox.pt")
+    assert generate.main(cli_args(release, tmp_path / "from_prompt.pt", "--prompt", "the red fox runs",
+                                  "--offload", video=False)) == 0
+    assert generate.main(cli_args(release, tmp_path / "from_embedding.pt", "--embedding", str(tmp_path / "fox.pt"),
+                                  video=False, text=False)) == 0
+    torch.testing.assert_close(torch.load(tmp_path / "from_embedding.pt"), torch.load(tmp_path / "from_prompt.pt"),
+                               rtol=0, atol=0)
+
+
+def test_embedding_and_resolution_give_the_official_latent_grid(release, tmp_path):
+    """Latents-only from a precomputed embedding: 480p 9:16 with 5 frames samples a 4×2×104×60 latent."""
+    embedding = tmp_path / "prompt.pt"
+    torch.save(torch.randn(5, 32), embedding)
+    args = cli_args(release, tmp_path / "latents.pt", "--embedding", str(embedding), "--num_steps", "1",
+                    video=False, text=False)
+    args = args[: args.index("--latent_shape")] + args[args.index("--latent_shape") + 5:]
+    assert generate.main(args + ["--resolution", "480p", "--aspect_ratio", "9:16", "--num_frames", "5"]) == 0
+    assert torch.load(tmp_path / "latents.pt").shape == (1, 4, 2, 104, 60)
+    assert generate.video_size("720p", "16:9") == (720, 1280)
+
+
+def test_prompt_without_text_encoder_is_a_usage_error(release, tmp_path, capsys):
+    """--prompt without --t5_path/--tokenizer_path exits 2 saying which files to pass."""
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(cli_args(release, tmp_path / "x.pt", "--prompt", "a cat", video=False, text=False))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "--t5_path" in error and UMT5_FILE in error and "--tokenizer_path" in error
+
+
+@pytest.mark.parametrize("frames", ["80", "0"])
+def test_num_frames_must_be_one_plus_four_k(release, tmp_path, capsys, frames):
+    """--num_frames that the VAE cannot produce (not 1 + 4k) exits 2 with the rule and valid neighbours."""
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(cli_args(release, tmp_path / "x.mp4", "--prompt", "a cat", "--num_frames", frames))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "--num_frames must be 1 + 4k" in error and f"got {frames}" in error
+
+
+@pytest.mark.parametrize("flag, official", [("--vae_path", VAE_FILE), ("--t5_path", UMT5_FILE),
+                                            ("--tokenizer_path", "tokenizer.json"), ("--dit_path", ".pth")])
+def test_missing_file_exits_2_naming_the_flag_and_the_official_file(release, tmp_path, capsys, flag, official):
+    """A missing input exits 2 before any model loads, with a one-line message (no traceback) naming the flag
+    and the expected file; nothing is written."""
+    args = cli_args(release, tmp_path / "out.mp4", "--prompt", "a cat")
+    args[args.index(flag) + 1] = str(tmp_path / "missing")
+    assert generate.main(args) == 2
+    error = capsys.readouterr().err
+    assert flag in error and official in error and "Traceback" not in error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_wrong_checkpoint_surfaces_the_loader_message(release, tmp_path, capsys):
+    """A VAE file that does not match --vae_config exits 2 with the loader's key/shape message; the sampled
+    latent is kept next to where the mp4 would be."""
+    vae_config = json.loads(release["vae_config"])
+    args = cli_args(release, tmp_path / "out.mp4", "--prompt", "a cat")
+    args[args.index("--vae_config") + 1] = json.dumps({**vae_config, "dim": 8})
+    assert generate.main(args) == 2
+    error = capsys.readouterr().err
+    last_line = error.strip().splitlines()[-1]  # after the progress bar's lines
+    assert last_line.startswith("error: ") and "does not match the model" in last_line and VAE_FILE in last_line
+    assert (tmp_path / "out.pt").is_file() and not (tmp_path / "out.mp4").exists()
+
+
+def test_checkpoint_of_another_model_names_dit_path_and_model(release, tmp_path, capsys):
+    """Weights that do not fit the --model preset (here the tiny student under the Wan2.1 1.3B preset) exit 2
+    with the loader's key list, naming --dit_path and --model."""
+    torch.save(torch.zeros(8, 4096), tmp_path / "prompt.pt")
+    args = cli_args(release, tmp_path / "x.pt", "--embedding", str(tmp_path / "prompt.pt"), video=False, text=False)
+    args[args.index("--model") + 1] = "wan2.1-t2v-1.3B"
+    args[args.index("--latent_shape") + 1] = "16"
+    assert generate.main(args) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("error: --dit_path") and "does not match the model" in last_line
+    assert "--model wan2.1-t2v-1.3B" in last_line and not (tmp_path / "x.pt").exists()
+
+
+def test_missing_video_packages_fail_before_sampling(release, tmp_path, capsys, monkeypatch):
+    """Without imageio the run stops at once and says what to install."""
+    monkeypatch.setitem(sys.modules, "imageio", None)  # makes `import imageio` raise ImportError
+    assert generate.main(cli_args(release, tmp_path / "out.mp4", "--prompt", "a cat")) == 2
+    assert "pip install rcm-slurm[video]" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mp4_output_needs_the_vae(release, tmp_path, capsys):
+    """An .mp4 --save_path without --vae_path is a usage error naming the VAE file."""
+    with pytest.raises(SystemExit):
+        generate.main(cli_args(release, tmp_path / "out.mp4", "--prompt", "a cat", video=False))
+    assert VAE_FILE in capsys.readouterr().err
+
+
+# -- rcm.video (the mp4 writer the CLI uses) --
+
+def test_uint8_frames_map_minus_one_to_zero_and_one_to_255():
+    """[-1, 1] maps linearly onto 0..255 (clamped, rounded), frames last: (3, T, H, W) → (T, H, W, 3)."""
+    video = torch.tensor([-1.0, 0.0, 1.0, 2.0]).view(1, 4, 1, 1).expand(3, 4, 1, 1)
+    frames = video_to_uint8_frames(video)
+    assert frames.shape == (4, 1, 1, 3) and frames.dtype == torch.uint8
+    assert frames[:, 0, 0, 0].tolist() == [0, 128, 255, 255]
+
+
+def test_write_mp4_round_trips_frames_and_rejects_odd_sizes(tmp_path):
+    """An mp4 reads back with every frame at its size and close to the written pixels (H.264 at high quality)."""
+    torch.manual_seed(0)
+    ramp = torch.linspace(-1, 1, 48).view(1, 1, 1, 48)
+    video = (ramp + 0.3 * torch.arange(5).view(1, 5, 1, 1) - 0.6).expand(3, 5, 32, 48).clone()
+    video[1] *= -1
+    write_mp4(video, tmp_path / "ramp.mp4", fps=16)
+    frames, fps = read_mp4(tmp_path / "ramp.mp4")
+    assert frames.shape == (5, 32, 48, 3) and fps == 16
+    expected = video_to_uint8_frames(video).float()
+    assert (frames.float() - expected).abs().mean() < 3.0
+    with pytest.raises(ValueError, match="even"):
+        write_mp4(torch.zeros(3, 1, 33, 48), tmp_path / "odd.mp4")
