@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 from omegaconf import OmegaConf
 
-from rcm.config import CONFIG_DIR
+from rcm.config import load_model_preset, model_presets
 from rcm.distill.sampler import sample_student, sample_teacher
 from rcm.distill.trigflow import denoise, guided_denoise
 from rcm.generate import RESOLUTIONS, video_size
@@ -200,7 +200,7 @@ def bench_vae(args, device: torch.device, vae_config: WanVAEConfig, latent: torc
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options of the generation benchmark."""
-    presets = sorted(path.stem for path in (CONFIG_DIR / "model").glob("*.yaml"))
+    presets = model_presets()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="wan2.1-t2v-1.3B", choices=presets, help="DiT preset (default: %(default)s)")
     parser.add_argument("--resolution", default="480p", choices=sorted(RESOLUTIONS), help="default: %(default)s")
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.smoke:
         device = torch.device("cpu")
-        model_fields = dict(OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "model" / "tiny.yaml")))
+        model_fields = dict(OmegaConf.to_container(load_model_preset("tiny")))
         model_fields["attention_backend"] = "auto"
         t5_config, vae_config = SMOKE_T5, SMOKE_VAE
         args.model, args.teacher_steps, args.repeats, args.dit_compile = "tiny (smoke)", 3, 1, False
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             print("error: this benchmark needs a CUDA GPU (or --smoke for a CPU check of the script)", file=sys.stderr)
             return 2
         device = torch.device("cuda")
-        model_fields = dict(OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "model" / f"{args.model}.yaml")))
+        model_fields = dict(OmegaConf.to_container(load_model_preset(args.model)))
         model_fields["attention_backend"] = args.attention
         t5_config, vae_config = UMT5Config(), WanVAEConfig()
         height, width = video_size(args.resolution, "16:9")

@@ -236,3 +236,27 @@ def load_config(overrides: list[str] | None = None, config_name: str = "config")
         cfg = compose(config_name=config_name, overrides=list(overrides or []))
     validate_config(cfg)
     return cfg
+
+
+def model_presets() -> list[str]:
+    """Names of the model presets (configs/model/NAME.yaml)."""
+    return sorted(path.stem for path in (CONFIG_DIR / "model").glob("*.yaml"))
+
+
+def load_model_preset(name: str) -> Any:
+    """The DiT fields of configs/model/NAME.yaml, typed by the model schema (an unknown key fails)."""
+    if name not in model_presets():
+        raise ValueError(f"no model preset {name!r}; choose one of {', '.join(model_presets())} (configs/model/NAME.yaml)")
+    # Read on its own: composing the whole training config would also check the default data (the toy's
+    # latent shape) against this model and reject every Wan preset.
+    return OmegaConf.merge(OmegaConf.structured(WanDiTConfig), OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml"))
+
+
+def config_from_json(config_class: type, fields: Any, flag: str) -> Any:
+    """The dataclass ``config_class`` built from a JSON object of its fields given to ``flag`` (None: None)."""
+    if fields is None:
+        return None
+    known = {f.name for f in dataclasses.fields(config_class)}
+    if not isinstance(fields, dict) or set(fields) - known:
+        raise ValueError(f"{flag} must be a JSON object with keys among {sorted(known)}, got {fields!r}")
+    return config_class(**fields)

@@ -22,7 +22,6 @@ VAE never share the GPU.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import sys
@@ -31,11 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from rcm.checkpoint.weights import load_model_weights
-from rcm.config import CONFIG_DIR
+from rcm.config import config_from_json, load_model_preset, model_presets
 from rcm.distill.sampler import sample_student
 from rcm.distill.trigflow import denoise
 from rcm.eval.networks import is_run_directory, load_run_config
@@ -61,16 +59,6 @@ def video_size(resolution: str, aspect_ratio: str) -> tuple[int, int]:
     if aspect_ratio != "16:9":
         raise ValueError(f"aspect ratio must be 16:9 or 9:16, got {aspect_ratio}")
     return height, width
-
-
-def config_from_json(config_class: type, fields: Any, flag: str) -> Any:
-    """The dataclass ``config_class`` built from a JSON object of its fields (None: None)."""
-    if fields is None:
-        return None
-    known = {field.name for field in dataclasses.fields(config_class)}
-    if not isinstance(fields, dict) or set(fields) - known:
-        raise ValueError(f"{flag} must be a JSON object with keys among {sorted(known)}, got {fields!r}")
-    return config_class(**fields)
 
 
 def video_paths(save_path: Path, num_prompts: int, num_samples: int) -> list[Path]:
@@ -100,18 +88,6 @@ def read_prompts_file(path: str) -> list[str]:
     if not prompts:
         raise ValueError(f"--prompts_file {file} holds no prompt; write one prompt per line")
     return prompts
-
-
-def model_presets() -> list[str]:
-    """Names of the model presets (configs/model/NAME.yaml)."""
-    return sorted(path.stem for path in (CONFIG_DIR / "model").glob("*.yaml"))
-
-
-def load_model_preset(name: str) -> Any:
-    """The DiT fields of configs/model/NAME.yaml."""
-    # Read directly: composing the whole training config would also validate its default data
-    # (the toy's latent shape) against this model and reject every Wan preset.
-    return OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml")
 
 
 def free_memory(device: torch.device) -> None:
@@ -220,7 +196,7 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"--sigma_max must be positive, got {args.sigma_max}")
     if args.model is not None and args.model not in model_presets():
         parser.error(f"--model {args.model}: no such preset; choose one of {', '.join(model_presets())} "
-                     f"(files in {CONFIG_DIR / 'model'})")
+                     "(configs/model/NAME.yaml)")
     if args.save_path is None:
         args.save_path = "samples.mp4" if args.vae_path else "samples.pt"
     suffix = Path(args.save_path).suffix.lower()

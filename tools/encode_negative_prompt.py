@@ -14,7 +14,6 @@ tokens, which is what Wan's DiT sees after padding its trimmed context (see rcm.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from rcm.config import config_from_json
 from rcm.models.text_encoder import TEXT_LEN, WAN_NEGATIVE_PROMPT, TextEncoder
 from rcm.models.umt5 import OFFICIAL_CHECKPOINT_NAME, UMT5Config
 
@@ -71,12 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def encoder_config_from_json(fields: object) -> UMT5Config | None:
     """The UMT5Config that --encoder_config describes (None: umT5-XXL)."""
-    if fields is None:
-        return None
-    known = {field.name for field in dataclasses.fields(UMT5Config)}
-    if not isinstance(fields, dict) or set(fields) - known:
-        raise ValueError(f"--encoder_config must be a JSON object with keys among {sorted(known)}, got {fields!r}")
-    return UMT5Config(**fields)
+    return config_from_json(UMT5Config, fields, "--encoder_config")
 
 
 def encode_prompt_to_file(text_encoder: TextEncoder, prompt: str, out: Path) -> tuple[torch.Tensor, int]:

@@ -45,9 +45,9 @@ class NetworkSource:
             raise FileNotFoundError(f"checkpoint or run directory {path} does not exist")
         run_cfg = load_run_config(path) if is_run_directory(path) else None
         if model is not None:
-            from rcm.config import load_config
+            from rcm.config import load_model_preset
 
-            model_cfg = load_config([f"model={model}", "distill.method=flow_matching"]).model
+            model_cfg = load_model_preset(model)
         elif run_cfg is not None:
             model_cfg = run_cfg.model
         elif fallback_model_cfg is not None:

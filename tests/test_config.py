@@ -1,0 +1,30 @@
+"""Model presets load on their own (no toy data to clash with) and are typed by the schema."""
+import pytest
+
+from rcm.config import config_from_json, load_model_preset, model_presets
+from rcm.eval.networks import NetworkSource
+from rcm.models.umt5 import UMT5Config
+
+
+def test_every_preset_loads_with_its_official_sizes():
+    assert {"tiny", "wan2.1-t2v-1.3B", "wan2.1-t2v-14B"} <= set(model_presets())
+    small, large = load_model_preset("wan2.1-t2v-1.3B"), load_model_preset("wan2.1-t2v-14B")
+    assert (small.dim, small.num_layers, small.in_channels) == (1536, 30, 16)
+    assert (large.dim, large.num_layers, large.num_heads) == (5120, 40, 40)
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ValueError, match="wan2.1-t2v-1.3B"):
+        load_model_preset("wan2.1-t2v-13B")
+
+
+def test_a_bare_checkpoint_with_a_wan_preset_opens(tmp_path):
+    checkpoint = tmp_path / "student.pth"
+    checkpoint.write_bytes(b"")
+    assert NetworkSource.open(checkpoint, model="wan2.1-t2v-1.3B").model_cfg.text_dim == 4096
+
+
+def test_config_from_json_rejects_unknown_fields():
+    assert config_from_json(UMT5Config, {"dim": 8, "dim_attn": 8, "dim_ffn": 8, "num_heads": 2}, "--x").dim == 8
+    with pytest.raises(ValueError, match="--t5_config must be a JSON object"):
+        config_from_json(UMT5Config, {"width": 8}, "--t5_config")
