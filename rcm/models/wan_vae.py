@@ -380,12 +380,15 @@ class WanVAE(nn.Module):
         latent_mean, latent_std = self._latent_statistics(mean_BCTHW)
         return (mean_BCTHW - latent_mean) / latent_std
 
-    def decode(self, latent_BCTHW: torch.Tensor, chunked: bool = True) -> torch.Tensor:
+    def decode(self, latent_BCTHW: torch.Tensor, chunked: bool = True, chunk_frames: int = 1) -> torch.Tensor:
         """Normalized latent (B, z_dim, T', H', W') → video (B, 3, 1 + 4(T' − 1), 8H', 8W') clamped to [-1, 1].
 
-        `chunked` decodes one latent frame at a time through a cache (low memory); `chunked=False` decodes all
-        frames at once (same result up to float rounding).
+        `chunked` decodes `chunk_frames` latent frames at a time through a cache (1, as Wan: least memory;
+        more: larger, faster convolutions); `chunked=False` decodes all frames at once (same result up to
+        float rounding).
         """
+        if chunk_frames < 1:
+            raise ValueError(f"WanVAE.decode: chunk_frames must be at least 1, got {chunk_frames}.")
         if latent_BCTHW.dim() != 5 or latent_BCTHW.shape[1] != self.config.z_dim:
             raise ValueError(f"WanVAE.decode expects a latent (B, {self.config.z_dim}, T, H, W), "
                              f"got shape {tuple(latent_BCTHW.shape)}.")
@@ -394,7 +397,7 @@ class WanVAE(nn.Module):
         x = self.conv2(latent_BCTHW * latent_std + latent_mean)
         if chunked:
             cache: ChunkCache = {}
-            video = torch.cat([self.decoder(frame, cache) for frame in x.split(1, dim=2)], dim=2)
+            video = torch.cat([self.decoder(chunk, cache) for chunk in x.split(chunk_frames, dim=2)], dim=2)
         else:
             video = self.decoder(x)
         return video.clamp(-1.0, 1.0)

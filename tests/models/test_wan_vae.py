@@ -156,6 +156,18 @@ def test_chunked_decode_matches_whole_video_decode(tiny_vae):
     assert chunked.abs().max() <= 1.0 and (chunked.abs() == 1.0).any(), "decode clamps to [-1, 1]"
 
 
+@pytest.mark.parametrize("chunk_frames", [2, 3])
+def test_decoding_several_latent_frames_per_chunk_matches_whole_video(tiny_vae, chunk_frames):
+    """Chunks of 2 or 3 latent frames (the first one holding the image frame) == all frames at once."""
+    latent = torch.randn(1, 16, 5, 2, 3, dtype=F64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        chunked = tiny_vae.decode(latent, chunk_frames=chunk_frames)
+        whole = tiny_vae.decode(latent, chunked=False)
+    assert relative_error(chunked, whole) < 1e-10
+    with pytest.raises(ValueError, match="chunk_frames"):
+        tiny_vae.decode(latent, chunk_frames=0)
+
+
 def test_encoding_and_decoding_are_causal(tiny_vae):
     """Changing frames 5-8 leaves latent frames 0-1 unchanged; changing latent frame 2 leaves frames 0-4."""
     clip = video(frames=9, height=16, width=16)
