@@ -1,5 +1,4 @@
 """sCM: the JVP tangent, the target direction g, the one-forward path and the gradient path."""
-import math
 
 import pytest
 import torch

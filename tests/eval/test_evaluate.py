@@ -190,3 +190,29 @@ def test_teacher_on_embedding_prompts_reports_diversity(inputs, tmp_path):
     assert [row["prompt"] for row in report["prompts"]] == ["a cat", "a dog"]
     (row,) = report["summary"]
     assert row["model"] == "teacher (CFG 1)" and row["diversity"] > 0 and "precision" not in row
+
+
+@pytest.mark.slurm
+def test_slurm_array_job_gives_the_single_process_results(single_run, inputs, tmp_path):
+    """A real 2-task Slurm array (slurm/local_cluster.sh): each task takes its shard from SLURM_ARRAY_TASK_ID /
+    SLURM_ARRAY_TASK_COUNT, the last one to finish writes the report, equal to the single-process run."""
+    from tests.launch.test_slurm import JOB_ENV, wait_for_job_end
+
+    out = tmp_path / "slurm_array"
+    arguments = " ".join(evaluate_args(inputs, out))
+    command = (f"{sys.executable} -m rcm.evaluate {arguments} "
+               "--shard-index $SLURM_ARRAY_TASK_ID --num-shards $SLURM_ARRAY_TASK_COUNT")
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--array=0-1", "--job-name=rcmtest-eval-array", "--time=5", "--cpus-per-task=1",
+         f"--output={tmp_path / 'task_%a.log'}", f"--wrap={command}"],
+        cwd=REPO, env=JOB_ENV, capture_output=True, text=True, check=True)
+    job_id = submitted.stdout.strip().split(";")[0]
+    try:
+        for task in (0, 1):
+            record = wait_for_job_end(f"{job_id}_{task}", timeout=180)
+            logs = "\n".join(p.read_text(errors="replace") for p in tmp_path.glob("task_*.log"))
+            assert record.get("ExitCode", "").startswith("0:0"), logs[-3000:]
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True)
+    assert (out / "eval.json").is_file(), "the last array task did not write the report"
+    assert_same_results(single_run, out)
