@@ -61,8 +61,9 @@ def _load_from_dcp(model: nn.Module, path: Path, prefer: str) -> str:
     return entry or "dcp"
 
 
-def unwrap_state_dict(state: dict, prefer_ema: bool = True) -> dict[str, torch.Tensor]:
-    """Undo the usual wrappers: an EMA / state_dict sub-dict and DDP/compile/trainer key prefixes (order kept)."""
+def unwrap_state_dict(state: dict, prefer_ema: bool = True, extra_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Undo the usual wrappers: an EMA / state_dict sub-dict and DDP/compile/trainer key prefixes, plus
+    ``extra_prefixes`` that exports of one kind of network add (``vae.``, ``encoder.``); order kept."""
     if prefer_ema:
         for key in EMA_KEYS:
             if isinstance(state.get(key), dict):
@@ -74,8 +75,8 @@ def unwrap_state_dict(state: dict, prefer_ema: bool = True) -> dict[str, torch.T
     changed = True
     while changed:
         changed = False
-        for prefix in WRAPPER_PREFIXES:
-            if state and all(k.startswith(prefix) for k in state):
+        for prefix in (*WRAPPER_PREFIXES, *extra_prefixes):
+            if state and all(isinstance(k, str) and k.startswith(prefix) for k in state):
                 state = {k[len(prefix):]: v for k, v in state.items()}
                 changed = True
     return state
@@ -89,9 +90,9 @@ def raise_on_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.
     if missing or unexpected or wrong_shape:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} keys (e.g. {missing[:5]})")
+            parts.append(f"missing {len(missing)} keys (e.g. {missing[:10]})")
         if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[:5]})")
+            parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[:10]})")
         if wrong_shape:
             parts.append(
                 "wrong shapes: "

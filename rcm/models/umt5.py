@@ -27,7 +27,7 @@ OFFICIAL_CHECKPOINT_NAME = "models_t5_umt5-xxl-enc-bf16.pth"
 UMT5_XXL_PARAMETER_COUNT = 5_680_910_336
 RELATIVE_MAX_DISTANCE = 128  # distances at or beyond this share the last bucket (T5's max_distance)
 NORM_EPS = 1e-6
-CHECKPOINT_PREFIXES = ("model.", "encoder.")  # wrappers that other exports put before the official names
+CHECKPOINT_PREFIXES = ("encoder.",)  # beyond the generic wrapper prefixes, what other exports put before the names
 
 
 @dataclass
@@ -227,17 +227,14 @@ class UMT5Encoder(nn.Module):
 
 
 def umt5_state_dict_from_checkpoint(state: dict, source: str) -> dict[str, torch.Tensor]:
-    """The encoder's entries of a loaded checkpoint: an optional ``state_dict`` sub-dict and
-    ``model.``/``encoder.`` prefixes are removed (each only when every key carries it)."""
+    """The encoder's entries of a loaded checkpoint: a ``state_dict``/``model`` sub-dict and wrapper prefixes
+    (``model.``, ``encoder.``, ...) are removed (each only when every key carries it)."""
     if not isinstance(state, dict):
         raise ValueError(f"{source} holds a {type(state).__name__}, not a state dict of the umT5 encoder")
-    for key in ("state_dict", "model"):
-        if isinstance(state.get(key), dict):
-            state = state[key]
-    for prefix in CHECKPOINT_PREFIXES:
-        if state and all(isinstance(k, str) and k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
+    # Imported here: rcm.checkpoint pulls in torch.distributed, which the model itself never needs.
+    from rcm.checkpoint.weights import unwrap_state_dict
+
+    return unwrap_state_dict(state, prefer_ema=False, extra_prefixes=CHECKPOINT_PREFIXES)
 
 
 def load_umt5_encoder(

@@ -431,10 +431,7 @@ def load_wan_vae(path: str | Path, device: torch.device | str = "cpu", dtype: to
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict; expected {OFFICIAL_CHECKPOINT_NAME}.")
-    state = unwrap_state_dict(state, prefer_ema=False)
-    for prefix in VAE_KEY_PREFIXES:
-        if state and all(key.startswith(prefix) for key in state):
-            state = {key[len(prefix):]: value for key, value in state.items()}
+    state = unwrap_state_dict(state, prefer_ema=False, extra_prefixes=VAE_KEY_PREFIXES)
     # Built on the meta device and filled by assignment: no time spent on a random initialization.
     with torch.device("meta"):
         model = WanVAE(config)
