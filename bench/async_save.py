@@ -2,6 +2,7 @@
 
     python bench/async_save.py --dir /local/disk/ckpt_bench        # CUDA: the real 1.3B state (~40 GB)
     python bench/async_save.py --dir D --latent 21 60 104 --checkpointing   # the 480p step (32,760 tokens)
+    python bench/async_save.py --dir D --async-mode both           # thread and writer-process stalls, one run
     python bench/async_save.py --smoke                             # CPU: the tiny model, to check the script
 
 The state is what rCM training holds, all float32 (bf16 autocast keeps float32 master weights): the student,
@@ -131,6 +132,8 @@ def main() -> None:
                         help="latent frames, height, width (default 1560 tokens: without activation checkpointing "
                              "a block keeps ~170 KB per token, and the state itself takes ~40 GB)")
     parser.add_argument("--checkpointing", action="store_true", help="checkpoint every block (needed for 480p)")
+    parser.add_argument("--async-mode", default="thread", choices=["thread", "process", "both"],
+                        help="where asynchronous saves are written from (both: one after the other, same run)")
     parser.add_argument("--baseline-steps", type=int, default=6)
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU")
     args = parser.parse_args()
@@ -147,13 +150,15 @@ def main() -> None:
                "model": args.model, "latent": args.latent, "checkpointing": args.checkpointing, "state_gb": state.state_bytes() / 1e9, "baseline_step_s": baseline}
     results["sync"] = measure_save(state, CheckpointManager(args.dir / "sync", async_save=False), baseline, 1)
     print(json.dumps(results["sync"]), flush=True)
-    asynchronous = CheckpointManager(args.dir / "async", async_save=True)
-    for name, iteration in (("async_first", 2), ("async_steady", 3)):
-        results[name] = measure_save(state, asynchronous, baseline, iteration)
-        print(json.dumps(results[name]), flush=True)
-    asynchronous.close()
-    for name in ("async_first", "async_steady"):
-        results[f"stall_ratio_{name.split('_')[1]}"] = results[name]["stall_s"] / results["sync"]["stall_s"]
+    modes = ["thread", "process"] if args.async_mode == "both" else [args.async_mode]
+    for mode in modes:
+        asynchronous = CheckpointManager(args.dir / f"async_{mode}", async_save=True, async_mode=mode)
+        for phase, iteration in (("first", 2), ("steady", 3)):
+            name = f"async_{mode}_{phase}"
+            results[name] = measure_save(state, asynchronous, baseline, iteration)
+            results[f"stall_ratio_{mode}_{phase}"] = results[name]["stall_s"] / results["sync"]["stall_s"]
+            print(name, json.dumps(results[name]), flush=True)
+        asynchronous.close()
     print(json.dumps(results, indent=1))
     shutil.rmtree(args.dir, ignore_errors=True)
 

@@ -78,6 +78,7 @@ class TrainConfig:
     # checkpoints (rcm/checkpoint): also keep every checkpoint whose iteration is a multiple of this (0: none)
     keep_every: int = 0
     async_save: bool = True  # interval saves with dcp.async_save: training goes on while they are written
+    async_save_mode: str = "thread"  # "process": write from a separate process (no GIL shared with training)
     resume_from: Optional[str] = None  # run dir, DCP checkpoint or .pth to start from when run_dir has none
     resume_weights_only: bool = False  # from resume_from take only the networks and EMA (fine-tuning, new optimizers)
     verify_on_resume: bool = True  # check every shard's CRC-32 before resuming; a damaged checkpoint is skipped
@@ -193,6 +194,8 @@ def validate_config(cfg: Any) -> None:
 def _validate_checkpointing(train: Any) -> None:
     if train.save_every < 1 or train.keep_last < 1 or train.keep_every < 0:
         raise ConfigError("train.save_every and train.keep_last must be at least 1, train.keep_every at least 0")
+    if train.async_save_mode not in ("thread", "process"):
+        raise ConfigError(f"train.async_save_mode must be 'thread' or 'process', got {train.async_save_mode!r}")
     if train.resume_weights_only and not train.resume_from:
         raise ConfigError("train.resume_weights_only needs train.resume_from (the checkpoint to take the weights from)")
     if train.resume_from and str(train.resume_from).endswith((".pth", ".pt")) and not train.resume_weights_only:

@@ -129,7 +129,7 @@ class Trainer:
         self.student_iteration = 0
         self.skipped_steps = 0
         self.checkpoints = CheckpointManager(Path(cfg.run_dir) / "checkpoints", info, cfg.train.keep_last,
-                                             cfg.train.keep_every, cfg.train.async_save)
+                                             cfg.train.keep_every, cfg.train.async_save, cfg.train.async_save_mode)
 
     def networks(self) -> dict[str, torch.nn.Module]:
         """The trainable networks by role."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rcm.checkpoint.manager import read_marker
 from rcm.config import ConfigError, load_config
 from rcm.data.shards import ShardError
 from rcm.parallel.distributed import DistributedInfo
@@ -92,19 +93,22 @@ def test_wrong_latent_shape_names_the_sample(toy_setup, tmp_path):
         train(cfg)
 
 
-def test_torchrun_two_processes_gloo(toy_setup, tmp_path):
+@pytest.mark.parametrize("async_save_mode", ["thread", "process"])
+def test_torchrun_two_processes_gloo(toy_setup, tmp_path, async_save_mode):
+    """Two ranks train and checkpoint; interval saves are written from a thread or from DCP's writer processes."""
     run_dir = tmp_path / "ddp"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
         "-m", "rcm.train", "experiment=toy_rcm", f"run_dir={run_dir}", f"data.shards={toy_setup / 'data'}",
         f"distill.teacher_checkpoint={toy_setup / 'teacher.pth'}", "train.batch_size=2", "train.max_iters=4",
         "distill.tangent_warmup=2", "distill.student_update_freq=2", "train.save_every=2", "train.progress_bar=false",
-        "train.device=cpu",
+        "train.device=cpu", f"train.async_save_mode={async_save_mode}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     final = run_dir / "checkpoints" / "iter_000000004"
+    assert read_marker(final)["async"] is True  # written by the asynchronous path (then waited for, being the last)
     assert (final / "COMPLETE").is_file()
     assert (final / "rank_00000.pt").is_file() and (final / "rank_00001.pt").is_file()
     # The two data-parallel ranks must draw different data or noise (they are seeded by their data rank).

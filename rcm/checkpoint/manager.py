@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 # DCP warns on every single-process save/load; single-process is a supported mode here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 COMPLETE_MARKER = "COMPLETE"
+ASYNC_MODES = ("thread", "process")
 _CHECKPOINT_NAME = re.compile(r"^iter_(\d{9})$")
 
 
@@ -80,6 +81,12 @@ class CheckpointManager:
     ``async_save``: ``save`` copies the state to CPU memory (pinned on CUDA, reused between saves) and
     returns; a background thread writes it and rank 0 then writes the marker. At most one save is in
     flight: the next ``save`` (or ``wait``) first waits for the previous one.
+
+    ``async_mode="process"`` writes from a separate process instead (DCP's process executor; the staging
+    buffers live in shared memory): the writer's serialization then never holds the training process's
+    GIL, which slows launch-bound training steps while a thread writes (docs/benchmarks.md). It needs a
+    process group, so a one-process run gets a private one-rank gloo group, and one open file per staged
+    tensor (the soft open-file limit is raised to the hard one; below that it falls back to a thread).
     """
 
     def __init__(
@@ -89,7 +96,10 @@ class CheckpointManager:
         keep_last: int = 3,
         keep_every: int = 0,
         async_save: bool = False,
+        async_mode: str = "thread",
     ):
+        if async_mode not in ASYNC_MODES:
+            raise ValueError(f"async_mode must be one of {ASYNC_MODES}, got {async_mode!r}")
         if keep_last < 1:
             raise ValueError(f"keep_last must be at least 1 (the latest checkpoint is what resume needs), got {keep_last}")
         self.directory = Path(directory)
@@ -97,6 +107,8 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.async_save = async_save
+        self.async_mode = async_mode
+        self._own_default_group = False
         self._pending: Future | None = None
         self._pending_path: Path | None = None
         self._group = None  # a gloo group of its own: async writes must not interleave with training collectives
@@ -193,6 +205,9 @@ class CheckpointManager:
         if self._stager is not None:
             self._stager.close()
             self._stager = None
+        if self._own_default_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._own_default_group = False
 
     def _in_flight_path(self) -> Path | None:
         return self._pending_path if self._pending is not None else None
@@ -206,14 +221,22 @@ class CheckpointManager:
 
     def _async_save(self, state: dict[str, Any], path: Path) -> Future:
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+        from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
+        in_process = self.async_mode == "process" and self._prepare_writer_process(state)
         if self._stager is None:
             # One stager for the whole run: it keeps its CPU buffers (pinned on CUDA) and refills them each save,
             # which is safe because a save waits for the previous one before staging.
-            self._stager = DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(), use_shared_memory=False,
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(), use_shared_memory=in_process,
                                                         use_async_staging=False, use_non_blocking_copy=False))
+        kind = AsyncCheckpointerType.PROCESS if in_process else AsyncCheckpointerType.THREAD
+
+        def start() -> Future:
+            return dcp.async_save(state, checkpoint_id=str(path), process_group=self._process_group(),
+                                  async_checkpointer_type=kind, async_stager=self._stager)
+
         try:
-            return dcp.async_save(state, checkpoint_id=str(path), process_group=self._process_group(), async_stager=self._stager)
+            return start()
         except (KeyError, TypeError) as error:
             if isinstance(self._stager, _PlainTensorStager):
                 raise
@@ -221,8 +244,28 @@ class CheckpointManager:
             log.warning("DCP's staging failed (%s: %s); staging plain tensors with rcm's own stager from now on",
                         type(error).__name__, error)
             self._stager.close()
-            self._stager = _PlainTensorStager()
-            return dcp.async_save(state, checkpoint_id=str(path), process_group=self._process_group(), async_stager=self._stager)
+            self._stager = _PlainTensorStager(shared_memory=in_process)
+            return start()
+
+    def _prepare_writer_process(self, state: dict[str, Any]) -> bool:
+        """Whether this save can go to a writer process: a process group exists (one is made for a single
+        process) and the open-file limit covers one descriptor per staged tensor; else warn, use a thread."""
+        if not dist.is_initialized():
+            if self.info.world_size > 1:
+                raise RuntimeError("async_mode='process' with several ranks needs torch.distributed initialized first")
+            # DCP's writer process joins the saving ranks' group; a lone process gets a private one-rank group.
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            self._own_default_group = True
+        needed = 2 * _count_tensors(state) + 1024
+        if not _raise_open_file_limit(needed):
+            log.warning("async_mode='process' needs ~%d open files (one per staged tensor) but the hard limit is lower; "
+                        "writing from a thread instead (raise `ulimit -n`)", needed)
+            self.async_mode = "thread"
+            if self._stager is not None:
+                self._stager.close()
+                self._stager = None
+            return False
+        return True
 
     def _complete_when_done(self, upload: Future, iteration: int, path: Path, started: float) -> Future:
         done: Future = Future()
@@ -315,6 +358,26 @@ def iteration_of(path: str | Path) -> int:
     raise ValueError(f"{path} is not a checkpoint directory (expected a name like iter_000001000)")
 
 
+def _count_tensors(tree: Any) -> int:
+    if isinstance(tree, Mapping):
+        return sum(_count_tensors(value) for value in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_count_tensors(value) for value in tree)
+    return int(torch.is_tensor(tree))
+
+
+def _raise_open_file_limit(needed: int) -> bool:
+    """Raise the soft open-file limit towards the hard one; whether ``needed`` descriptors now fit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        return False
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return True
+
+
 class _PlainTensorStager(AsyncStager):
     """A fallback stager: copies each tensor (a DTensor's local shard) into a CPU buffer kept from one save to the
     next (page-locked for CUDA tensors), containers rebuilt as plain dicts/lists, everything else shared (it is
@@ -322,7 +385,9 @@ class _PlainTensorStager(AsyncStager):
 
     _synchronize_after_execute = False
 
-    def __init__(self):
+    def __init__(self, shared_memory: bool = False):
+        # shared_memory: buffers a writer process can map (not page-locked: the copy is slower, never the GIL).
+        self.shared_memory = shared_memory
         self.buffers: dict[tuple, torch.Tensor] = {}
 
     def stage(self, state_dict, **kwargs):
@@ -347,7 +412,10 @@ class _PlainTensorStager(AsyncStager):
                             "or use a torch whose DCP staging copies it")
         buffer = self.buffers.get(path)
         if buffer is None or buffer.shape != tree.shape or buffer.dtype != tree.dtype:
-            buffer = torch.empty(tree.shape, dtype=tree.dtype, pin_memory=tree.is_cuda)
+            if self.shared_memory:
+                buffer = torch.empty(tree.shape, dtype=tree.dtype).share_memory_()
+            else:
+                buffer = torch.empty(tree.shape, dtype=tree.dtype, pin_memory=tree.is_cuda)
             self.buffers[path] = buffer
         buffer.copy_(tree.detach(), non_blocking=tree.is_cuda)
         return buffer

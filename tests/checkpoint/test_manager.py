@@ -189,3 +189,45 @@ def test_sigkill_during_async_save_leaves_the_previous_checkpoint_loadable(tmp_p
     loaded = {"student": {"w": torch.zeros(256, 256)}}
     assert manager.load(manager.latest(), loaded) == {"iteration": 1}
     assert torch.equal(loaded["student"]["w"], torch.full((256, 256), 1.0))
+
+
+@pytest.mark.parametrize("stager", ["dcp", "rcm_fallback"])
+def test_async_save_from_a_writer_process_round_trips(tmp_path, stager):
+    """async_mode='process': DCP's writer process (not this one) writes shared-memory staged tensors; the state,
+    mutated right after save() returns, loads back as saved; a one-process run gets and frees a private group."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint import _async_process_executor
+
+    manager = CheckpointManager(tmp_path, async_save=True, async_mode="process")
+    if stager == "rcm_fallback":  # what runs where DCP's own staging fails (torch 2.11)
+        manager._stager = manager_module._PlainTensorStager(shared_memory=True)
+    state = training_state(7)
+    path = manager.save(5, state, {"iteration": 5})
+    assert dist.is_initialized() and manager._own_default_group
+    state["student"]["w"].add_(1.0)
+    manager.wait()
+    writer = _async_process_executor._CHECKPOINT_PROCESS
+    assert writer is not None and writer._save_process.pid != os.getpid()
+    loaded = zeros_like_state(state)
+    assert manager.load(path, loaded) == {"iteration": 5}
+    assert_state_equal(loaded, training_state(7))
+    manager.close()
+    assert not dist.is_initialized()
+
+
+def test_process_mode_falls_back_to_a_thread_when_files_would_run_out(tmp_path, monkeypatch, caplog):
+    """With a hard open-file limit below one descriptor per tensor, the save warns and writes from a thread."""
+    monkeypatch.setattr(manager_module, "_raise_open_file_limit", lambda needed: False)
+    manager = CheckpointManager(tmp_path, async_save=True, async_mode="process")
+    with caplog.at_level(logging.WARNING):
+        path = manager.save(3, training_state(3), {"iteration": 3}, wait=True)
+    assert "writing from a thread instead" in caplog.text and manager.async_mode == "thread"
+    loaded = zeros_like_state(training_state(3))
+    manager.load(path, loaded)
+    assert_state_equal(loaded, training_state(3))
+    manager.close()
+
+
+def test_unknown_async_mode_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="async_mode must be one of"):
+        CheckpointManager(tmp_path, async_mode="fork")

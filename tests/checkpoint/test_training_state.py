@@ -59,10 +59,31 @@ def test_weights_only_from_a_pth_initializes_the_ema_from_it(toy_setup, tmp_path
         assert torch.equal(parameter, teacher[name]) and torch.equal(trainer.ema.shadow[name], teacher[name].float())
 
 
+def test_saves_from_a_writer_process_resume_to_the_same_state(toy_setup, tmp_path):
+    """train.async_save_mode=process: 4 iterations straight equal 2 + resume + 2 (weights, EMA, data position)."""
+    straight = Trainer(config(toy_setup, tmp_path / "straight", 4, "train.async_save_mode=process"), torch.device("cpu"),
+                       DistributedInfo())
+    straight.run()
+    first = Trainer(config(toy_setup, tmp_path / "resumed", 2, "train.async_save_mode=process"), torch.device("cpu"),
+                    DistributedInfo())
+    first.run()
+    assert read_marker(tmp_path / "resumed/checkpoints/iter_000000002")["async"] is True
+    second = Trainer(config(toy_setup, tmp_path / "resumed", 4, "train.async_save_mode=process"), torch.device("cpu"),
+                     DistributedInfo())
+    assert second.resume() and second.iteration == 2
+    second.run()
+    for key, value in straight.student.state_dict().items():
+        assert torch.equal(second.student.state_dict()[key], value), key
+    for key, value in straight.ema.shadow.items():
+        assert torch.equal(second.ema.shadow[key], value), key
+    assert second.loader.state_dict() == straight.loader.state_dict()
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["train.resume_weights_only=true"], "train.resume_weights_only needs train.resume_from"),
     (["train.resume_from=/x/teacher.pth"], "set train.resume_weights_only=true"),
     (["train.keep_last=0"], "train.keep_last"),
+    (["train.async_save_mode=fork"], "train.async_save_mode must be 'thread' or 'process'"),
     (["+train.keep_evry=5"], "train.keep_evry"),
 ])
 def test_checkpoint_options_are_validated(overrides, message):
