@@ -97,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       "distill.guidance_scale; 1 for a bare checkpoint)")
     what.add_argument("--shift", type=float, default=5.0, help="teacher sampling time shift")
     what.add_argument("--sigma-max", type=float, default=80.0, help="student's initial noise level")
+    what.add_argument("--mid-times", type=float, nargs="+", default=None, metavar="T",
+                      help="student's intermediate TrigFlow times; n steps use the first n-1 "
+                           "(default: the paper's 1.5 1.4 1.0)")
     what.add_argument("--reference-teacher", default=None, help="teacher (run directory or checkpoint) sampled from the "
                       "same noise as the student, for the agreement metrics")
     what.add_argument("--reference-steps", type=int, default=50, help="Euler steps of the reference teacher")
@@ -175,7 +178,9 @@ def plan_evaluation(args: argparse.Namespace) -> EvaluationPlan:
         labels = {settings[0].name: f"teacher (CFG {guidance:g})"}
     else:
         settings = [
-            SamplerSetting(f"student_{steps}", STUDENT, steps, sigma_max=args.sigma_max) for steps in dict.fromkeys(args.steps)
+            SamplerSetting(f"student_{steps}", STUDENT, steps, sigma_max=args.sigma_max,
+                           mid_times=None if args.mid_times is None else tuple(args.mid_times[:steps - 1]))
+            for steps in dict.fromkeys(args.steps)
         ]
         labels = {setting.name: "student" for setting in settings}
         if args.reference_teacher:

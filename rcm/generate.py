@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from rcm.checkpoint.weights import load_model_weights
 from rcm.config import config_from_json, load_model_preset, model_presets
-from rcm.distill.sampler import sample_student
+from rcm.distill.sampler import sample_student, student_time_grid
 from rcm.distill.trigflow import denoise
 from rcm.eval.networks import is_run_directory, load_run_config
 from rcm.models.text_encoder import TOKENIZER_FILE, TextEncoder, resolve_tokenizer_file
@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--num_steps", type=int, default=4, choices=[1, 2, 3, 4], help="student steps (default: 4)")
     model.add_argument("--sigma_max", type=float, default=80.0,
                        help="initial noise level (default: %(default)s; larger, e.g. 1600: less diversity, more quality)")
+    model.add_argument("--mid_t", type=float, nargs="+", default=None, metavar="T",
+                       help="intermediate TrigFlow times; n steps use the first n-1 (default: the paper's 1.5 1.4 1.0)")
 
     text = parser.add_argument_group("text (give exactly one of --prompt, --prompts_file, --embedding, --toy_prompt)")
     source = text.add_mutually_exclusive_group(required=True)
@@ -194,6 +196,10 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"--fps must be at least 1, got {args.fps}")
     if not args.sigma_max > 0:
         parser.error(f"--sigma_max must be positive, got {args.sigma_max}")
+    try:
+        student_time_grid(args.num_steps, args.sigma_max, args.mid_t)
+    except ValueError as error:
+        parser.error(f"--mid_t: {error}")
     if args.model is not None and args.model not in model_presets():
         parser.error(f"--model {args.model}: no such preset; choose one of {', '.join(model_presets())} "
                      "(configs/model/NAME.yaml)")
@@ -376,7 +382,7 @@ def sample_latents(network: torch.nn.Module, contexts: list[torch.Tensor], num_s
         noise = torch.randn((1, *shape), generator=generator, device=device)
         context = contexts[prompt_index].to(device)
         latent = sample_student(lambda x, t, c: denoise(network, x, t, c), noise, context, args.num_steps,
-                                args.sigma_max, generator)
+                                args.sigma_max, generator, args.mid_t)
         latents.append(latent.float().cpu())
     return latents
 

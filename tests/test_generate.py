@@ -167,6 +167,15 @@ def test_prompt_without_text_encoder_is_a_usage_error(release, tmp_path, capsys)
     assert "--t5_path" in error and UMT5_FILE in error and "--tokenizer_path" in error
 
 
+def test_mid_t_must_make_a_decreasing_grid(release, tmp_path, capsys):
+    """--mid_t above arctan(sigma_max) (or too few for --num_steps) exits 2 before anything loads."""
+    for mids in (["1.6", "1.0", "0.5"], ["1.2"]):
+        with pytest.raises(SystemExit) as exit_info:
+            generate.main(cli_args(release, tmp_path / "x.mp4", "--prompt", "a cat", "--num_steps", "4", "--mid_t", *mids))
+        assert exit_info.value.code == 2
+        assert "--mid_t" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("frames", ["80", "0"])
 def test_num_frames_must_be_one_plus_four_k(release, tmp_path, capsys, frames):
     """--num_frames that the VAE cannot produce (not 1 + 4k) exits 2 with the rule and valid neighbours."""

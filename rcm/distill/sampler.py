@@ -14,13 +14,23 @@ from rcm.distill.trigflow import per_sample
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def student_time_grid(num_steps: int, sigma_max: float = 80.0) -> list[float]:
-    """[arctan σ_max, *mid_t, 0] with mid_t = [1.5, 1.4, 1.0][:num_steps − 1]."""
+def student_time_grid(num_steps: int, sigma_max: float = 80.0, mid_times: tuple[float, ...] | None = None) -> list[float]:
+    """[arctan σ_max, *mid_t, 0] with mid_t = mid_times[:num_steps − 1]; by default the paper's [1.5, 1.4, 1.0].
+
+    The intermediate times suit Wan's video latents; other data may want others (on the toy of the demo,
+    2 steps through t = 1.2 reach 0.90 precision against 0.48 through t = 1.5: README).
+    """
     if not 1 <= num_steps <= 4:
         raise ValueError(f"the student samples with 1 to 4 steps, got {num_steps}")
     if sigma_max <= 0:
         raise ValueError(f"sigma_max must be positive, got {sigma_max}")
-    return [math.atan(sigma_max), *FIXED_INTERMEDIATE_TIMES[: num_steps - 1], 0.0]
+    mids = FIXED_INTERMEDIATE_TIMES if mid_times is None else tuple(float(t) for t in mid_times)
+    if len(mids) < num_steps - 1:
+        raise ValueError(f"{num_steps} student steps need {num_steps - 1} intermediate times, got {list(mids)}")
+    grid = [math.atan(sigma_max), *mids[: num_steps - 1], 0.0]
+    if any(later >= earlier for earlier, later in zip(grid, grid[1:])):
+        raise ValueError(f"student times must decrease from arctan(sigma_max) = {grid[0]:.4f} to 0, got {grid}")
+    return grid
 
 
 @torch.no_grad()
@@ -31,9 +41,10 @@ def sample_student(
     num_steps: int,
     sigma_max: float = 80.0,
     generator: torch.Generator | None = None,
+    mid_times: tuple[float, ...] | None = None,
 ) -> torch.Tensor:
     """Few-step consistency sampling: denoise, re-noise at the next time with fresh noise, repeat."""
-    times = student_time_grid(num_steps, sigma_max)
+    times = student_time_grid(num_steps, sigma_max, mid_times)
     batch = noise.shape[0]
     x = noise
     for i in range(num_steps):

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from rcm.distill.sampler import sample_student, sample_teacher
+from rcm.distill.sampler import sample_student, sample_teacher, student_time_grid
 from rcm.distill.trigflow import denoise, guided_denoise, pad_tokens
 
 STUDENT, TEACHER = "student", "teacher"
@@ -22,6 +22,7 @@ class SamplerSetting:
     guidance_scale: float = 1.0  # teacher only
     shift: float = 5.0  # teacher only
     sigma_max: float = 80.0  # student only
+    mid_times: tuple[float, ...] | None = None  # student only; None: the paper's (1.5, 1.4, 1.0)
 
     def __post_init__(self):
         if self.kind not in (STUDENT, TEACHER):
@@ -30,6 +31,8 @@ class SamplerSetting:
             raise ValueError(f"the student samples with 1 to 4 steps, got {self.steps}")
         if self.kind == TEACHER and self.steps < 1:
             raise ValueError(f"the teacher needs at least 1 step, got {self.steps}")
+        if self.kind == STUDENT:
+            student_time_grid(self.steps, self.sigma_max, self.mid_times)  # a bad grid fails here, before sampling
 
     def describe(self) -> dict:
         """The setting as a plain dict (recorded in outputs, compared on resume)."""
@@ -51,7 +54,7 @@ def sample_batch(
     """
     if setting.kind == STUDENT:
         x0 = lambda x, t, ctx: denoise(network, x, t, ctx)  # noqa: E731
-        return sample_student(x0, noise, context_BLD, setting.steps, setting.sigma_max, generator)
+        return sample_student(x0, noise, context_BLD, setting.steps, setting.sigma_max, generator, setting.mid_times)
     if setting.guidance_scale != 1.0 and negative_embedding is None:
         raise ValueError(
             f"{setting.name}: CFG scale {setting.guidance_scale} needs the negative prompt's embedding; "

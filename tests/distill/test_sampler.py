@@ -18,6 +18,16 @@ def test_student_time_grid():
             student_time_grid(bad)
 
 
+def test_student_time_grid_with_other_intermediate_times():
+    assert student_time_grid(3, mid_times=(1.2, 0.8, 0.5)) == [math.atan(80.0), 1.2, 0.8, 0.0]
+    with pytest.raises(ValueError, match="need 2 intermediate times"):
+        student_time_grid(3, mid_times=(1.2,))
+    with pytest.raises(ValueError, match="must decrease"):
+        student_time_grid(3, mid_times=(1.0, 1.2))
+    with pytest.raises(ValueError, match="must decrease"):
+        student_time_grid(2, mid_times=(1.6,))  # above arctan(80) = 1.5583
+
+
 def test_student_sampler_visits_the_grid_and_returns_the_last_x0():
     seen = []
     target = torch.full((2, 1, 1, 1, 1), 3.0)
@@ -29,6 +39,10 @@ def test_student_sampler_visits_the_grid_and_returns_the_last_x0():
     out = sample_student(denoiser, torch.randn(2, 1, 1, 1, 1), None, 3, generator=torch.Generator().manual_seed(0))
     assert seen == pytest.approx(student_time_grid(3)[:-1])
     assert torch.equal(out, target)
+    seen.clear()
+    sample_student(denoiser, torch.randn(2, 1, 1, 1, 1), None, 3, generator=torch.Generator().manual_seed(0),
+                   mid_times=(1.2, 0.7))
+    assert seen == pytest.approx([math.atan(80.0), 1.2, 0.7])
 
 
 def test_teacher_grid_and_exact_sampling_of_a_point_mass():

@@ -216,3 +216,22 @@ def test_slurm_array_job_gives_the_single_process_results(single_run, inputs, tm
         subprocess.run(["scancel", job_id], capture_output=True)
     assert (out / "eval.json").is_file(), "the last array task did not write the report"
     assert_same_results(single_run, out)
+
+
+def test_other_intermediate_times_are_used_and_recorded(inputs, tmp_path, capsys):
+    """--mid-times: the 2-step student re-noises at the given time (other samples, recorded in the report);
+    an impossible grid stops before sampling."""
+    out = tmp_path / "mid"
+    argv = ["--checkpoint", str(inputs / "student.pth"), "--model", TINY_PRESET, "--ground-truth",
+            str(inputs / "ground_truth.pt"), "--steps", "1", "2", "--samples-per-prompt", "2", "--device", "cpu",
+            "--out", str(out)]
+    assert run_in_process([*argv, "--mid-times", "1.1"]) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert json.dumps(report["config"]).count("1.1") >= 1
+    default_out = tmp_path / "default"
+    assert run_in_process([*argv[:-1], str(default_out)]) == 0
+    ours, default = (torch.load(path / "samples" / "prompt_00000.pt")["samples"] for path in (out, default_out))
+    assert torch.equal(ours["student_1"], default["student_1"]) and not torch.equal(ours["student_2"], default["student_2"])
+    capsys.readouterr()
+    assert run_in_process([*argv[:-1], str(tmp_path / "bad"), "--mid-times", "1.57"]) == 2
+    assert "must decrease" in capsys.readouterr().err
