@@ -65,10 +65,12 @@ def generate_toy_samples(
     sigma_max: float = 80.0,
     text_len: int | None = None,
     progress: bool = False,
+    mid_times: tuple[float, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(samples (N,C,T,H,W), class_ids (N,)) for every class; student if ``student_steps`` else teacher."""
     if student_steps:
-        setting = SamplerSetting(f"student_{student_steps}", STUDENT, student_steps, sigma_max=sigma_max)
+        mids = None if mid_times is None else tuple(mid_times[: student_steps - 1])
+        setting = SamplerSetting(f"student_{student_steps}", STUDENT, student_steps, sigma_max=sigma_max, mid_times=mids)
     else:
         setting = SamplerSetting(f"teacher_{teacher_steps}", TEACHER, teacher_steps, guidance_scale, shift)
     all_samples, all_ids = [], []

@@ -11,7 +11,8 @@ from rcm.demo import main
 def test_demo_quick_runs_end_to_end(tmp_path):
     assert main(["--quick", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "results.json").read_text())
-    assert [r["steps"] for r in rows] == [8, 1, 2, 4, 1, 2, 4]
+    assert [r["steps"] for r in rows] == [8, 1, 2, 4, 1, 2, 4, 2, 4]
+    assert rows[-1]["model"] == "rcm student, mid-times 1.2/0.8/0.5"
     for row in rows:
         for key in ("precision", "recall", "mode_kl"):
             assert 0.0 <= row[key] and (key == "mode_kl" or row[key] <= 1.0)
