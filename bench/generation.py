@@ -21,7 +21,6 @@ flushed as they happen, so a cut-off log still holds the finished stages.
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import sys
 import time
@@ -33,13 +32,12 @@ from omegaconf import OmegaConf
 from rcm.config import load_model_preset, model_presets
 from rcm.distill.sampler import sample_student, sample_teacher
 from rcm.distill.trigflow import denoise, guided_denoise
-from rcm.generate import RESOLUTIONS, video_size
+from rcm.generate import DTYPES, RESOLUTIONS, free_memory, video_size
 from rcm.models.umt5 import UMT5Config, UMT5Encoder
 from rcm.models.wan_dit import build_wan_dit
 from rcm.models.wan_vae import WanVAE, WanVAEConfig
 from rcm.parallel.compile import apply_compile
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 GUIDANCE_SCALE = 5.0  # Wan2.1 T2V's sample_guide_scale; the value does not change the cost
 TEACHER_SHIFT = 5.0  # Wan2.1 T2V's sample_shift
 PROMPT_TOKENS = 120  # a typical prompt's length; umT5 runs on all 512 padded positions either way
@@ -79,9 +77,8 @@ def timed(function: Callable[[], object], device: torch.device, repeats: int, wa
 
 def start_stage(device: torch.device) -> None:
     """Free what the previous stage left (its function has returned) and restart the peak-memory count."""
-    gc.collect()
+    free_memory(device)
     if device.type == "cuda":
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 

@@ -2,7 +2,9 @@
 wrong type fails at start with the key's name; `validate_config` adds the cross-field checks."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +12,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING, OmegaConf
 
+from rcm.checkpoint.manager import ASYNC_MODES
 from rcm.distill.time import TimeSamplerConfig, as_time_sampler_config
 from rcm.models.wan_dit import WanDiTConfig
 from rcm.parallel.mesh import parallel_config_problems
@@ -194,7 +197,7 @@ def validate_config(cfg: Any) -> None:
 def _validate_checkpointing(train: Any) -> None:
     if train.save_every < 1 or train.keep_last < 1 or train.keep_every < 0:
         raise ConfigError("train.save_every and train.keep_last must be at least 1, train.keep_every at least 0")
-    if train.async_save_mode not in ("thread", "process"):
+    if train.async_save_mode not in ASYNC_MODES:
         raise ConfigError(f"train.async_save_mode must be 'thread' or 'process', got {train.async_save_mode!r}")
     if train.resume_weights_only and not train.resume_from:
         raise ConfigError("train.resume_weights_only needs train.resume_from (the checkpoint to take the weights from)")
@@ -253,6 +256,14 @@ def load_model_preset(name: str) -> Any:
     # Read on its own: composing the whole training config would also check the default data (the toy's
     # latent shape) against this model and reject every Wan preset.
     return OmegaConf.merge(OmegaConf.structured(WanDiTConfig), OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml"))
+
+
+def json_argument(text: str) -> Any:
+    """argparse ``type=`` for a JSON value: the parsed value, or a usage error naming the JSON problem."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error})") from None
 
 
 def config_from_json(config_class: type, fields: Any, flag: str) -> Any:

@@ -41,7 +41,8 @@ from rcm.eval.networks import NetworkSource, load_network, load_run_config
 from rcm.eval.prompts import TOY_PROMPTS, Prompt, resolve_prompt_inputs
 from rcm.eval.report import markdown_table, prompt_rows, summarize, summary_rows
 from rcm.eval.sampling import STUDENT, TEACHER, SamplerSetting, sample_prompt
-from rcm.eval.sharding import WorkShard, atomic_torch_save, atomic_write_text, item_seed, resolve_work_shard
+from rcm.checkpoint.manager import atomic_write_bytes
+from rcm.eval.sharding import WorkShard, atomic_torch_save, item_seed, resolve_work_shard
 from rcm.parallel.distributed import DistributedInfo, barrier
 
 __all__ = [
@@ -281,10 +282,10 @@ def write_report(plan: EvaluationPlan, args: argparse.Namespace, records: list[d
         num_prompts=len(plan.prompts), latent_shape=list(plan.latent_shape), samples_dir=str(plan.samples_dir),
     )
     report = {"config": config, "summary": summary, "prompts": per_prompt}
-    atomic_write_text(json.dumps(report, indent=2, default=str) + "\n", plan.out / "eval.json")
+    atomic_write_bytes(plan.out / "eval.json", (json.dumps(report, indent=2, default=str) + "\n").encode())
     table = markdown_table(summary)
     markdown = f"# Evaluation of {args.run}\n\n{table}\n\n## Per prompt\n\n{markdown_table(per_prompt)}\n"
-    atomic_write_text(markdown, plan.out / "eval.md")
+    atomic_write_bytes(plan.out / "eval.md", markdown.encode())
     return table
 
 

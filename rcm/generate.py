@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from rcm.checkpoint.weights import load_model_weights
-from rcm.config import config_from_json, load_model_preset, model_presets
+from rcm.config import config_from_json, json_argument, load_model_preset, model_presets
 from rcm.distill.sampler import sample_student, student_time_grid
 from rcm.distill.trigflow import denoise
 from rcm.eval.networks import is_run_directory, load_run_config
@@ -110,12 +109,6 @@ def load_student(model_cfg: Any, dit_path: Path, weights: str, device: torch.dev
     return network.eval().requires_grad_(False)
 
 
-def _parse_json(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({error})") from None
-
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options of rcm-generate."""
@@ -177,9 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "VAE); default: on for CUDA")
 
     sizes = parser.add_argument_group("non-official model sizes (tests, small models)")
-    sizes.add_argument("--t5_config", type=_parse_json, default=None, metavar="JSON",
+    sizes.add_argument("--t5_config", type=json_argument, default=None, metavar="JSON",
                        help="JSON object of UMT5Config fields (default: umT5-XXL, what Wan2.1 uses)")
-    sizes.add_argument("--vae_config", type=_parse_json, default=None, metavar="JSON",
+    sizes.add_argument("--vae_config", type=json_argument, default=None, metavar="JSON",
                        help="JSON object of WanVAEConfig fields (default: the Wan2.1 VAE)")
     return parser
 

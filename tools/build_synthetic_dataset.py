@@ -42,7 +42,8 @@ from rcm.eval.cli import HelpFormatter, run_on_every_rank
 from rcm.eval.networks import NetworkSource
 from rcm.eval.prompts import TOY_PROMPTS, PromptInputs, resolve_prompt_inputs
 from rcm.eval.sampling import TEACHER, SamplerSetting, sample_batch
-from rcm.eval.sharding import atomic_torch_save, atomic_write_text, item_seed, resolve_work_shard
+from rcm.checkpoint.manager import atomic_write_bytes
+from rcm.eval.sharding import atomic_torch_save, item_seed, resolve_work_shard
 from rcm.parallel.distributed import DistributedInfo, barrier
 
 BUILD_CONFIG_FILE = "build_config.json"
@@ -118,7 +119,7 @@ def check_or_record_config(out: Path, config: dict, info: DistributedInfo) -> No
                              "use another --out, or delete the directory to rebuild")
     elif info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(json.dumps(config, indent=2) + "\n", path)
+        atomic_write_bytes(path, (json.dumps(config, indent=2) + "\n").encode())
 
 
 def shard_samples(

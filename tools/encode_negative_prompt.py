@@ -14,14 +14,13 @@ tokens, which is what Wan's DiT sees after padding its trimmed context (see rcm.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from rcm.config import config_from_json
+from rcm.config import config_from_json, json_argument
 from rcm.models.text_encoder import TEXT_LEN, WAN_NEGATIVE_PROMPT, TextEncoder
 from rcm.models.umt5 import OFFICIAL_CHECKPOINT_NAME, UMT5Config
 
@@ -29,12 +28,6 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch
 
 __all__ = ["encode_prompt_to_file", "encoder_config_from_json", "main", "parse_args"]
 
-
-def _parse_json(text: str) -> object:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({error})") from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--text_len", "--text-len", type=int, default=TEXT_LEN,
                         help="tokens per prompt after padding (default: %(default)s); must equal the DiT's "
                              "model.text_len")
-    parser.add_argument("--encoder_config", "--encoder-config", type=_parse_json, default=None, metavar="JSON",
+    parser.add_argument("--encoder_config", "--encoder-config", type=json_argument, default=None, metavar="JSON",
                         help="JSON object of UMT5Config fields for an encoder other than umT5-XXL "
                              "(default: umT5-XXL, what Wan2.1 uses)")
     return parser.parse_args(argv)

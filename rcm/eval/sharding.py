@@ -59,10 +59,3 @@ def atomic_torch_save(value: object, path: Path) -> None:
         temporary.unlink(missing_ok=True)
         raise
     os.replace(temporary, path)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    """Write a text file through a hidden temporary file renamed at the end."""
-    temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_text(text)
-    os.replace(temporary, path)

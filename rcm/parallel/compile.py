@@ -18,7 +18,7 @@ from torch import nn
 
 def apply_compile(model: nn.Module, backend: str = "inductor") -> int:
     """Replace each block's forward with a compiled one (same parameters and names); returns how many."""
-    if getattr(model, "_rcm_checkpointed", False) or any(getattr(b, "_rcm_checkpointed", False) for b in model.blocks):
+    if any(getattr(block, "_rcm_checkpointed", False) for block in model.blocks):
         raise ValueError("apply_compile must run before apply_activation_checkpointing (see rcm/parallel/parallelize.py)")
     compiled = 0
     for block in model.blocks:

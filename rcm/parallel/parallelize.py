@@ -1,8 +1,9 @@
 """`parallelize_wan_dit`: context parallelism, activation checkpointing and FSDP2 applied to a plain WanDiT.
 
 The order is fixed, as in torchtitan: context parallelism first (it swaps the attention and token
-hooks that the blocks call), torch.compile of each block (optional) next, activation checkpointing then (it wraps the block's forward, so a
-recompute also repeats the Ulysses all-to-alls), FSDP2 last (its hooks go around everything else).
+hooks that the blocks call), torch.compile of each block (optional) next, activation checkpointing
+then (it wraps the block's forward, so a recompute also repeats the Ulysses all-to-alls), FSDP2 last
+(its hooks go around everything else).
 Build every network (student, fake score, teacher) in full first, then parallelize each: a sharded
 module can no longer be deep-copied.
 """
