@@ -42,6 +42,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ac-every", type=int, default=1, help="checkpoint every k-th block (0: off)")
     parser.add_argument("--param-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--no-reshard-after-forward", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block (parallel.compile)")
     parser.add_argument("--frames", type=int, default=21)
     parser.add_argument("--height", type=int, default=60)
     parser.add_argument("--width", type=int, default=104)
@@ -74,7 +75,8 @@ def main() -> None:
     parallel = SimpleNamespace(dp_replicate=args.dp_replicate, dp_shard=args.dp_shard, cp=args.cp,
                                activation_checkpointing_every=args.ac_every, grad_accumulation=1,
                                reshard_after_forward=not args.no_reshard_after_forward,
-                               param_dtype=args.param_dtype, reduce_dtype="float32")
+                               param_dtype=args.param_dtype, reduce_dtype="float32",
+                               compile=args.compile, compile_backend="inductor")
     mesh = build_device_mesh(parallel, world_size, device.type, num_heads=model_fields["num_heads"])
     dims = mesh_dims(mesh)
 
@@ -132,12 +134,12 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if cuda else "cpu (smoke)", "torch": torch.__version__,
         "tokens_per_sample": tokens, "step_time_s": float(step_time), "peak_memory_gib": float(memory),
         "samples_per_s": samples_per_s, "scaling_vs_1gpu": samples_per_s / (world_size * args.baseline) if args.baseline else None,
-        "loss": result.loss.item(), "ac_every": args.ac_every, "param_dtype": args.param_dtype,
+        "loss": result.loss.item(), "ac_every": args.ac_every, "param_dtype": args.param_dtype, "compile": args.compile,
     }
     if rank == 0:
         scaling = f"{row['scaling_vs_1gpu']:.2f}" if row["scaling_vs_1gpu"] is not None else "–"
         print(f"\n{row['device']}; torch {row['torch']}; {tokens} tokens/sample; checkpoint every {args.ac_every} block(s); "
-              f"FSDP param dtype {args.param_dtype}; loss {row['loss']:.3f}")
+              f"FSDP param dtype {args.param_dtype}; compile {args.compile}; loss {row['loss']:.3f}")
         print("| GPUs | dp_replicate × dp_shard × cp | step time (s) | peak memory / GPU (GiB) | samples/s | scaling vs 1 GPU |")
         print("|---:|---|---:|---:|---:|---:|")
         print(f"| {world_size} | {dims.dp_replicate} × {dims.dp_shard} × {dims.cp} | {row['step_time_s']:.3f} | "

@@ -112,6 +112,7 @@ class ParallelConfig:
     dp_shard: int = -1  # FSDP2 shard size over data; -1: the processes the other sizes leave
     cp: int = 1  # Ulysses context parallelism: ranks splitting one sample's tokens (divides num_heads)
     compile: bool = False  # torch.compile each block (fuses Wan's float32 elementwise work; first steps compile)
+    compile_backend: str = "inductor"  # torch.compile backend; aot_eager traces without generating kernels (tests)
     activation_checkpointing_every: int = 0  # 0: off; k: checkpoint every k-th block (1: all)
     grad_accumulation: int = 1  # micro-batches per step; train.batch_size is split into them
     reshard_after_forward: bool = True  # FSDP2: free gathered weights after forward (less memory, one more all-gather)

@@ -79,6 +79,9 @@ class _AllToAllWithTangents(torch.autograd.Function):
         return (None, None, None, None, *inputs_grads, *([None] * ctx.num_tangents))
 
 
+# Compiled blocks (parallel.compile) break their graph here: Dynamo cannot trace a call on the process
+# group, and the exchange is one opaque collective anyway, like the attention kernel between the two.
+@torch.compiler.disable
 def _all_to_all(primals: list[torch.Tensor], tangents: list[torch.Tensor], group, size: int, to_heads: bool):
     """(primals, tangents) exchanged sequence ↔ heads in one collective."""
     outputs = _AllToAllWithTangents.apply(group, size, to_heads, len(primals), *primals, *tangents)

@@ -32,7 +32,7 @@ def parallelize_wan_dit(model: nn.Module, mesh: ParallelMesh | None, config: Any
     if mesh is not None:
         apply_context_parallel(model, mesh.cp)
     if config.compile:
-        apply_compile(model)
+        apply_compile(model, backend=config.compile_backend)
     if not frozen and config.activation_checkpointing_every > 0:
         apply_activation_checkpointing(model, every=config.activation_checkpointing_every)
     if mesh is None:

@@ -20,6 +20,7 @@ SCENARIOS = {
         "cp2_jvp": dict(cp=2, step="jvp"),
         "fsdp2_checkpointed_accumulated": dict(dp_shard=2, ac_every=1, grad_accumulation=2, step="student"),
         "cp2_checkpointed": dict(cp=2, ac_every=1, step="student", reshard_after_forward=False),
+        "cp2_compiled_checkpointed": dict(cp=2, ac_every=1, compile=True, step="student"),
     },
     4: {
         "fsdp2_cp2_student": dict(dp_shard=2, cp=2, step="student"),
@@ -69,6 +70,7 @@ def test_parallel_step_matches_single_process(parallel_run, name):
     reference = run_reference(spec)
     for rank, result in enumerate(parallel_run(name)):
         expected = reference["per_rank"][result["dp_rank"]]
+        assert (result["compiled_graphs"] > 0) == spec.get("compile", False), result["compiled_graphs"]
         if spec["step"] == "jvp":
             _assert_close(result["out"], expected["out"], f"rank {rank} output")
             _assert_close(result["tangent"], expected["tangent"], f"rank {rank} tangent")

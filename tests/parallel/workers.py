@@ -30,7 +30,8 @@ STUDENT_ITERATION = 1  # two backward-simulation steps: a no-grad student forwar
 def parallel_config(spec: dict) -> SimpleNamespace:
     """The ``parallel`` config section of a scenario, float32 everywhere."""
     return SimpleNamespace(
-        dp_replicate=spec.get("dp_replicate", 1), dp_shard=spec.get("dp_shard", 1), cp=spec.get("cp", 1), compile=False,
+        dp_replicate=spec.get("dp_replicate", 1), dp_shard=spec.get("dp_shard", 1), cp=spec.get("cp", 1),
+        compile=spec.get("compile", False), compile_backend="aot_eager",  # aot_eager: no C++ compiler in CI
         activation_checkpointing_every=spec.get("ac_every", 0), grad_accumulation=spec.get("grad_accumulation", 1),
         reshard_after_forward=spec.get("reshard_after_forward", True), param_dtype="float32", reduce_dtype="float32")
 
@@ -138,7 +139,9 @@ def worker_main(rank: int, world_size: int, port: int, scenarios: dict[str, dict
         for name, spec in scenarios.items():
             config = parallel_config(spec)
             mesh = build_device_mesh(config, world_size, "cpu", num_heads=TINY["num_heads"])
+            torch._dynamo.utils.counters.clear()
             result = run_step(spec, mesh, data_parallel_rank(mesh))
+            result["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             result["dp_rank"] = data_parallel_rank(mesh)
             result["sharding"] = describe_sharding()
             torch.save(result, Path(out_dir) / f"{name}.rank{rank}.pt")
