@@ -71,7 +71,8 @@ def main() -> None:
                         "attention_backend": "triton"}
         latent_shape = (16, args.frames, args.height, args.width)
     if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     parallel = SimpleNamespace(dp_replicate=args.dp_replicate, dp_shard=args.dp_shard, cp=args.cp,
                                activation_checkpointing_every=args.ac_every, grad_accumulation=1,
                                reshard_after_forward=not args.no_reshard_after_forward,

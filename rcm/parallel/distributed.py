@@ -46,7 +46,9 @@ def init_distributed(
         backend = "nccl" if device.type == "cuda" else "gloo"
         if backend == "nccl" and env_defaults:
             apply_env_defaults(env_defaults)
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+        # device_id binds NCCL to this rank's GPU now (no guessing the GPU from the global rank at the first barrier)
+        device_id = device if backend == "nccl" and device.index is not None else None
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes), device_id=device_id)
     return DistributedInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank())
 
 
