@@ -36,7 +36,7 @@ from rcm.generate import DTYPES, RESOLUTIONS, free_memory, video_size
 from rcm.models.umt5 import UMT5Config, UMT5Encoder
 from rcm.models.wan_dit import build_wan_dit
 from rcm.models.wan_vae import WanVAE, WanVAEConfig
-from rcm.parallel.compile import apply_compile
+from rcm.parallel.compile import apply_compile, compile_vae_decoder
 
 GUIDANCE_SCALE = 5.0  # Wan2.1 T2V's sample_guide_scale; the value does not change the cost
 TEACHER_SHIFT = 5.0  # Wan2.1 T2V's sample_shift
@@ -186,9 +186,12 @@ def bench_vae(args, device: torch.device, vae_config: WanVAEConfig, latent: torc
             if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):
                 module.reset_parameters()
 
+    if args.vae_compile:
+        compile_vae_decoder(vae)  # the warm-up run below compiles
+
     def decode() -> torch.Tensor:
         with torch.no_grad():
-            return vae.decode(latent, chunked=True)
+            return vae.decode(latent, chunked=True, chunk_frames=args.vae_chunk_frames)
 
     seconds, video = timed(decode, device, args.repeats)
     log(f"VAE: decode to {tuple(video.shape)} {seconds:.3f} s; peak {peak_gib(device):.1f} GiB")
@@ -210,14 +213,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch.compile each DiT block (rcm.parallel.compile.apply_compile)")
     parser.add_argument("--vae-dtype", default="float32", choices=sorted(DTYPES),
                         help="VAE decode dtype (default: %(default)s, as Wan2.1 decodes)")
+    parser.add_argument("--vae-compile", action="store_true",
+                        help="torch.compile the VAE decoder (rcm.parallel.compile.compile_vae_decoder)")
+    parser.add_argument("--vae-chunk-frames", type=int, default=1,
+                        help="latent frames decoded per chunk (default: %(default)s, as Wan2.1; more is faster and larger)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs of the text, student and VAE stages; the median is reported (default: %(default)s)")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU: only checks that the script works")
     args = parser.parse_args(argv)
     if (args.num_frames - 1) % 4 or args.num_frames < 1:
         parser.error(f"--num-frames must be 1 + 4k (the VAE's temporal compression is 4), got {args.num_frames}")
-    if args.teacher_steps < 1 or args.repeats < 1:
-        parser.error("--teacher-steps and --repeats must be at least 1")
+    if args.teacher_steps < 1 or args.repeats < 1 or args.vae_chunk_frames < 1:
+        parser.error("--teacher-steps, --repeats and --vae-chunk-frames must be at least 1")
     return args
 
 
@@ -230,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         model_fields["attention_backend"] = "auto"
         t5_config, vae_config = SMOKE_T5, SMOKE_VAE
         args.model, args.teacher_steps, args.repeats, args.dit_compile = "tiny (smoke)", 3, 1, False
+        args.vae_compile = False  # no C++ compiler needed for the smoke run
         shape = (vae_config.z_dim, 3, 4, 6)
     else:
         if not torch.cuda.is_available():
@@ -245,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)"
     log(f"device {name}; torch {torch.__version__}; model {args.model}; latent {shape}; "
-        f"attention {model_fields['attention_backend']}; DiT compile {args.dit_compile}; VAE {args.vae_dtype}")
+        f"attention {model_fields['attention_backend']}; DiT compile {args.dit_compile}; VAE {args.vae_dtype}, "
+        f"compile {args.vae_compile}, {args.vae_chunk_frames} latent frame(s) per chunk")
 
     text = bench_text(args, device, t5_config)
     dit = bench_dit(args, device, model_fields, shape, text.pop("embeddings"))
@@ -256,14 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     frames, height, width = vae["video_shape"][2:]
     print(f"\n{args.model}, {frames} frames {width}×{height}, one {name}; attention {model_fields['attention_backend']}, "
           f"DiT compile {'on' if args.dit_compile else 'off'}, DiT bf16{' (fp32 on CPU)' if args.smoke else ''}, "
-          f"VAE {args.vae_dtype}; median of {args.repeats} (teacher DiT: 1 run)\n")
+          f"VAE {args.vae_dtype}{' compiled' if args.vae_compile else ''}; median of {args.repeats} (teacher DiT: 1 run)\n")
     student_label = f"student {args.student_steps}-step"
     teacher_label = f"teacher {args.teacher_steps}×CFG"
     print(f"| stage | {student_label} (s) | {teacher_label} (s) | peak memory {student_label} / teacher (GiB) |")
     print("|---|---:|---:|---:|")
     print(f"| text encoding (umT5-XXL bf16) | {text['student']:.2f} | {text['teacher']:.2f} | {text['peak']:.1f} |")
     print(f"| DiT | {dit['student']:.2f} | {dit['teacher']:.2f} | {dit['student_peak']:.1f} / {dit['teacher_peak']:.1f} |")
-    print(f"| VAE decode ({args.vae_dtype}, chunked) | {vae['seconds']:.2f} | {vae['seconds']:.2f} | {vae['peak']:.1f} |")
+    print(f"| VAE decode ({args.vae_dtype}, chunks of {args.vae_chunk_frames}) | {vae['seconds']:.2f} | {vae['seconds']:.2f} | {vae['peak']:.1f} |")
     print(f"| **total** | **{student_total:.2f}** | **{teacher_total:.2f}** | |")
     print(f"\nend-to-end speed-up {teacher_total / student_total:.1f}× (DiT alone {dit['teacher'] / dit['student']:.1f}×)",
           flush=True)

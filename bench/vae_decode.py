@@ -1,7 +1,9 @@
 """Wan2.1 VAE decode of one 480p latent (16×21×60×104 → 81 frames 832×480) on one GPU: dtype, cuDNN
-autotuning and memory format, each in one run; with --chunks, bf16 decode by latent frames per chunk.
+autotuning and memory format, each in one run; with --chunks, bf16 decode by latent frames per chunk;
+with --compile, bf16 eager against the compiled decoder (rcm.parallel.compile.compile_vae_decoder) at
+those chunk sizes; with --convs, the TFLOP/s of the decoder's three largest convolutions alone.
 
-    python bench/vae_decode.py [--repeats 3] [--chunks 1 3 7 21]
+    python bench/vae_decode.py [--repeats 3] [--chunks 1 3 7 21] [--compile] [--convs]
 
 Random weights (timing does not depend on them). Prints a table last.
 """
@@ -11,8 +13,52 @@ import argparse
 import time
 
 import torch
+import torch.nn.functional as F
 
 from rcm.models.wan_vae import WanVAE
+from rcm.parallel.compile import compile_vae_decoder
+
+# (in channels = out channels, input frames with the 2 cached past frames, height, width) of the 3×3×3
+# convolutions that hold 85 % of the decode's 275 TFLOP, as one chunk (one latent frame) runs them.
+LARGEST_CONVS = ((96, 6, 480, 832), (192, 6, 240, 416), (384, 4, 120, 208))
+
+
+def time_convs(repeats: int) -> None:
+    """TFLOP/s of each large causal convolution: cuDNN conv3d in both layouts, and as 3 summed conv2d taps."""
+    print("| channels | frames in → out | H×W | conv3d (TFLOP/s) | conv3d channels_last_3d | 3 conv2d taps, channels_last |")
+    print("|---:|---|---|---:|---:|---:|")
+    for channels, frames, height, width in LARGEST_CONVS:
+        x = torch.randn(1, channels, frames, height, width, device="cuda", dtype=torch.bfloat16)
+        weight = torch.randn(channels, channels, 3, 3, 3, device="cuda", dtype=torch.bfloat16) * 0.01
+        out_frames = frames - 2
+        flop = 2 * channels * channels * 27 * out_frames * height * width
+        x_last = x.contiguous(memory_format=torch.channels_last_3d)
+        weight_last = weight.contiguous(memory_format=torch.channels_last_3d)
+        frames_last = x[0].transpose(0, 1).contiguous(memory_format=torch.channels_last)  # (T, C, H, W)
+        taps = [weight[:, :, k].contiguous(memory_format=torch.channels_last) for k in range(3)]
+
+        def as_taps():
+            return sum(F.conv2d(frames_last[k:k + out_frames], taps[k], padding=1) for k in range(3))
+
+        rates = []
+        for run in (lambda: F.conv3d(x, weight, padding=(0, 1, 1)), lambda: F.conv3d(x_last, weight_last, padding=(0, 1, 1)),
+                    as_taps):
+            seconds = _median_seconds(run, repeats * 5)
+            rates.append(flop / seconds / 1e12)
+        print(f"| {channels} | {frames} → {out_frames} | {height}×{width} | {rates[0]:.0f} | {rates[1]:.0f} | {rates[2]:.0f} |",
+              flush=True)
+
+
+def _median_seconds(function, repeats: int) -> float:
+    function()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        function()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
 
 
 def time_decode(vae: WanVAE, latent: torch.Tensor, repeats: int, chunk_frames: int = 1) -> float:
@@ -34,8 +80,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunks", type=int, nargs="*", help="only bf16: time these latent frames per chunk")
+    parser.add_argument("--compile", action="store_true", help="bf16 eager vs compiled decoder at --chunks (default 1)")
+    parser.add_argument("--convs", action="store_true", help="time the largest convolutions alone")
     args = parser.parse_args()
     latent = torch.randn(1, 16, 21, 60, 104, device="cuda")
+    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; cuDNN {torch.backends.cudnn.version()}")
+    if args.convs:
+        time_convs(args.repeats)
+    if args.compile:
+        rows = []
+        for compiled in (False, True):
+            vae = WanVAE().to("cuda", torch.bfloat16).eval().requires_grad_(False)
+            if compiled:
+                compile_vae_decoder(vae)
+            for chunk_frames in args.chunks or [1]:
+                torch.cuda.reset_peak_memory_stats()
+                seconds = time_decode(vae, latent, args.repeats, chunk_frames)  # its warm-up compiles
+                rows.append((compiled, chunk_frames, seconds, torch.cuda.max_memory_allocated() / 2**30))
+                print(rows[-1], flush=True)
+            del vae
+        print("| decoder | latent frames per chunk | decode (s) | peak (GiB) |\n|---|---:|---:|---:|")
+        for compiled, chunk_frames, seconds, memory in rows:
+            print(f"| {'compiled' if compiled else 'eager'} | {chunk_frames} | {seconds:.3f} | {memory:.1f} |")
+        return
+    if args.convs:
+        return
     if args.chunks:
         vae = WanVAE().to("cuda", torch.bfloat16).eval().requires_grad_(False)
         print("| latent frames per chunk | decode (s) | peak (GiB) |\n|---:|---:|---:|")
