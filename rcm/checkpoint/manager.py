@@ -202,12 +202,16 @@ class CheckpointManager:
     def close(self) -> None:
         """Finish the save in flight and release the staging memory."""
         self.wait()
-        if self._stager is not None:
-            self._stager.close()
-            self._stager = None
+        self._release_stager()
         if self._own_default_group and dist.is_initialized():
             dist.destroy_process_group()
             self._own_default_group = False
+
+    def _release_stager(self) -> None:
+        """Free the staging buffers (the next async save allocates new ones)."""
+        if self._stager is not None:
+            (self._stager.release if isinstance(self._stager, _PlainTensorStager) else self._stager.close)()
+            self._stager = None
 
     def _in_flight_path(self) -> Path | None:
         return self._pending_path if self._pending is not None else None
@@ -225,10 +229,11 @@ class CheckpointManager:
 
         in_process = self.async_mode == "process" and self._prepare_writer_process(state)
         if self._stager is None:
-            # One stager for the whole run: it keeps its CPU buffers (pinned on CUDA) and refills them each save,
-            # which is safe because a save waits for the previous one before staging.
-            self._stager = DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(), use_shared_memory=in_process,
-                                                        use_async_staging=False, use_non_blocking_copy=False))
+            # One stager for the whole run, keeping its CPU buffers from save to save (a save waits for the previous
+            # one before staging). rcm's own first: DCP's DefaultStager is closed by some torch releases after each
+            # save and then fails the next (KeyError: <class 'type'>), and a second set of 40 GB buffers for the
+            # 1.3B state then exhausted a 128 GiB host.
+            self._stager = _PlainTensorStager(shared_memory=in_process)
         kind = AsyncCheckpointerType.PROCESS if in_process else AsyncCheckpointerType.THREAD
 
         def start() -> Future:
@@ -237,14 +242,14 @@ class CheckpointManager:
 
         try:
             return start()
-        except (KeyError, TypeError) as error:
-            if isinstance(self._stager, _PlainTensorStager):
+        except TypeError as error:
+            if not isinstance(self._stager, _PlainTensorStager):
                 raise
-            # Some torch releases' stager cannot copy every object of a state dict (KeyError: <class 'type'>).
-            log.warning("DCP's staging failed (%s: %s); staging plain tensors with rcm's own stager from now on",
-                        type(error).__name__, error)
-            self._stager.close()
-            self._stager = _PlainTensorStager(shared_memory=in_process)
+            # A tensor subclass other than DTensor: DCP's stager deep-copies anything.
+            log.warning("%s; staging with DCP's DefaultStager from now on", error)
+            self._stager.release()
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(), use_shared_memory=in_process,
+                                                        use_async_staging=False, use_non_blocking_copy=False))
             return start()
 
     def _prepare_writer_process(self, state: dict[str, Any]) -> bool:
@@ -261,9 +266,7 @@ class CheckpointManager:
             log.warning("async_mode='process' needs ~%d open files (one per staged tensor) but the hard limit is lower; "
                         "writing from a thread instead (raise `ulimit -n`)", needed)
             self.async_mode = "thread"
-            if self._stager is not None:
-                self._stager.close()
-                self._stager = None
+            self._release_stager()
             return False
         return True
 
@@ -379,9 +382,9 @@ def _raise_open_file_limit(needed: int) -> bool:
 
 
 class _PlainTensorStager(AsyncStager):
-    """A fallback stager: copies each tensor (a DTensor's local shard) into a CPU buffer kept from one save to the
-    next (page-locked for CUDA tensors), containers rebuilt as plain dicts/lists, everything else shared (it is
-    immutable in a state dict)."""
+    """The async-save stager: copies each tensor (a DTensor's local shard) into a CPU buffer kept from one save to
+    the next (page-locked for CUDA tensors, or shared memory for a writer process), containers rebuilt as plain
+    dicts/lists, everything else shared (it is immutable in a state dict)."""
 
     _synchronize_after_execute = False
 
@@ -424,6 +427,11 @@ class _PlainTensorStager(AsyncStager):
         pass
 
     def close(self) -> None:
+        # DCP may close a caller's stager after a save; the buffers are meant for the next one (see release).
+        pass
+
+    def release(self) -> None:
+        """Drop the buffers (the manager's close)."""
         self.buffers.clear()
 
 

@@ -10,7 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rcm.checkpoint.manager import CheckpointManager, _PlainTensorStager
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+from rcm.checkpoint.manager import CheckpointManager
 from rcm.checkpoint.resharding import rederive_loader_position, reseeded, samples_in_shard
 from rcm.checkpoint.weights import load_model_weights
 from rcm.config import load_config
@@ -46,9 +48,9 @@ def _worker(rank: int, world_size: int, phase: str, root: Path, work: Path) -> N
             Trainer(toy_config(root, work / "run", 2), torch.device("cpu"), info).run()
             state = {"student": {"rows": distribute_tensor(FULL, mesh, [Shard(0)]), "cols": distribute_tensor(FULL, mesh, [Shard(1)])}}
             dtensors.save(1, state, {"rank": rank}, wait=True)
-            # rcm's fallback stager (used where DCP's own staging fails) must stage DTensor shards the same way.
+            # DCP's own stager (the fallback for tensor subclasses rcm's does not know) stages DTensor shards alike.
             fallback = CheckpointManager(work / "dtensor_fallback", info, async_save=True)
-            fallback._stager = _PlainTensorStager()
+            fallback._stager = DefaultStager(StagingOptions(False, False, False, False))
             fallback.save(1, state, {"rank": rank}, wait=True)
             return
         trainer = Trainer(toy_config(root, work / "run", 3), torch.device("cpu"), info)
