@@ -16,7 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from rcm.models.wan_vae import WanVAE
+from rcm.ops.frame_convs import use_frame_convs
 from rcm.parallel.compile import compile_vae_decoder
+
+VARIANTS = {"eager": "eager", "compiled": "compiled", "frame_convs": "compiled, 96-channel convs as frame conv2d"}
 
 # (in channels = out channels, input frames with the 2 cached past frames, height, width) of the 3×3×3
 # convolutions that hold 85 % of the decode's 275 TFLOP, as one chunk (one latent frame) runs them.
@@ -80,7 +83,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunks", type=int, nargs="*", help="only bf16: time these latent frames per chunk")
-    parser.add_argument("--compile", action="store_true", help="bf16 eager vs compiled decoder at --chunks (default 1)")
+    parser.add_argument("--compile", action="store_true", help="bf16 decoder variants (--variants) at --chunks (default 1)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="with --compile: eager, compiled, compiled with rcm.ops.frame_convs for ≤ 96 channels")
     parser.add_argument("--convs", action="store_true", help="time the largest convolutions alone")
     args = parser.parse_args()
     latent = torch.randn(1, 16, 21, 60, 104, device="cuda")
@@ -89,19 +94,21 @@ def main() -> None:
         time_convs(args.repeats)
     if args.compile:
         rows = []
-        for compiled in (False, True):
+        for variant in args.variants:
             vae = WanVAE().to("cuda", torch.bfloat16).eval().requires_grad_(False)
-            if compiled:
+            if variant == "frame_convs":
+                use_frame_convs(vae.decoder, max_channels=96)
+            if variant != "eager":
                 compile_vae_decoder(vae)
             for chunk_frames in args.chunks or [1]:
                 torch.cuda.reset_peak_memory_stats()
                 seconds = time_decode(vae, latent, args.repeats, chunk_frames)  # its warm-up compiles
-                rows.append((compiled, chunk_frames, seconds, torch.cuda.max_memory_allocated() / 2**30))
+                rows.append((VARIANTS[variant], chunk_frames, seconds, torch.cuda.max_memory_allocated() / 2**30))
                 print(rows[-1], flush=True)
             del vae
         print("| decoder | latent frames per chunk | decode (s) | peak (GiB) |\n|---|---:|---:|---:|")
-        for compiled, chunk_frames, seconds, memory in rows:
-            print(f"| {'compiled' if compiled else 'eager'} | {chunk_frames} | {seconds:.3f} | {memory:.1f} |")
+        for label, chunk_frames, seconds, memory in rows:
+            print(f"| {label} | {chunk_frames} | {seconds:.3f} | {memory:.1f} |")
         return
     if args.convs:
         return
