@@ -41,6 +41,7 @@ from rcm.models.umt5 import OFFICIAL_CHECKPOINT_NAME as UMT5_CHECKPOINT_NAME
 from rcm.models.umt5 import UMT5Config
 from rcm.models.wan_vae import OFFICIAL_CHECKPOINT_NAME as VAE_CHECKPOINT_NAME
 from rcm.models.wan_vae import WanVAE, WanVAEConfig, load_wan_vae
+from rcm.parallel.compile import speed_up_vae_decoder
 from rcm.video import require_video_writer, write_mp4
 
 # (height, width) of the 16:9 videos Wan2.1 is trained on; 9:16 swaps them.
@@ -165,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="DiT and text-encoder dtype (default: bfloat16 on CUDA, float32 on CPU)")
     run.add_argument("--vae_dtype", choices=sorted(DTYPES), default="float32",
                      help="VAE dtype (default: %(default)s, as Wan2.1 decodes)")
+    run.add_argument("--compile_vae", action="store_true",
+                     help="torch.compile the VAE decoder, with its 96-channel convolutions as 2-D convolutions over "
+                          "frames (1.64 -> 0.91 s for 81 frames at 480p in bf16 on an H100; the first video compiles)")
     run.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
                      help="free each model when its stage is done (umT5 before the DiT loads, the DiT before the "
                           "VAE); default: on for CUDA")
@@ -327,6 +331,8 @@ def generate(parser: argparse.ArgumentParser, args: argparse.Namespace, vae_conf
                 path.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(latent, path.with_suffix(".pt"))
             vae = load_wan_vae(args.vae_path, device=device, dtype=DTYPES[args.vae_dtype], config=vae_config)
+            if args.compile_vae:
+                speed_up_vae_decoder(vae)
             frames, height, width = decode_and_write(vae, latents, paths, args.fps, device)
             seconds["decode + write"] = time.perf_counter() - started
             progress.update()
