@@ -30,3 +30,18 @@ def test_vae_decode_with_frame_convs_equals_plain_decode():
     with torch.no_grad():
         expected, actual = plain.decode(latent), swapped.decode(latent)
     assert relative_error(actual, expected) < 1e-12
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_frame_convs_are_as_accurate_as_cudnn_conv3d():
+    """On CUDA in bf16 (channels-last conv2d kernels), the error against float64 is that of bf16 conv3d."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 96, 6, 48, 80, dtype=torch.float64, generator=g)
+    weight = torch.randn(96, 96, 3, 3, 3, dtype=torch.float64, generator=g) / 50
+    bias = torch.randn(96, dtype=torch.float64, generator=g)
+    reference = F.conv3d(x, weight, bias, padding=(0, 1, 1))
+    x16, w16, b16 = (t.to("cuda", torch.bfloat16) for t in (x, weight, bias))
+    ours = conv3d_as_frame_convs(x16, w16, b16, (1, 1)).double().cpu()
+    cudnn = F.conv3d(x16, w16, b16, padding=(0, 1, 1)).double().cpu()
+    assert relative_error(cudnn, reference) < 1e-2
+    assert relative_error(ours, reference) < 2 * relative_error(cudnn, reference) + 1e-3
