@@ -389,9 +389,10 @@ class _PlainTensorStager(AsyncStager):
     _synchronize_after_execute = False
 
     def __init__(self, shared_memory: bool = False):
-        # shared_memory: buffers a writer process can map (not page-locked: the copy is slower, never the GIL).
+        # shared_memory: buffers a writer process can map; page-locked too where CUDA can register them.
         self.shared_memory = shared_memory
         self.buffers: dict[tuple, torch.Tensor] = {}
+        self._can_pin_shared = True
 
     def stage(self, state_dict, **kwargs):
         staged = self._copy(state_dict, ())
@@ -415,12 +416,27 @@ class _PlainTensorStager(AsyncStager):
                             "or use a torch whose DCP staging copies it")
         buffer = self.buffers.get(path)
         if buffer is None or buffer.shape != tree.shape or buffer.dtype != tree.dtype:
-            if self.shared_memory:
-                buffer = torch.empty(tree.shape, dtype=tree.dtype).share_memory_()
-            else:
-                buffer = torch.empty(tree.shape, dtype=tree.dtype, pin_memory=tree.is_cuda)
+            buffer = self._new_buffer(tree)
             self.buffers[path] = buffer
-        buffer.copy_(tree.detach(), non_blocking=tree.is_cuda)
+        pinned = tree.is_cuda and (not self.shared_memory or getattr(buffer, "_rcm_pinned", False))
+        # A copy into pageable memory must not be non-blocking: CUDA would stage it through a bounce buffer anyway.
+        buffer.copy_(tree.detach(), non_blocking=pinned)
+        return buffer
+
+    def _new_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        if not self.shared_memory:
+            return torch.empty(like.shape, dtype=like.dtype, pin_memory=like.is_cuda)
+        buffer = torch.empty(like.shape, dtype=like.dtype).share_memory_()
+        if like.is_cuda and self._can_pin_shared and buffer.nbytes:
+            # Page-lock the shared pages in place (as DCP's own stager does): device-to-host copies then run at
+            # full speed, which pageable shared memory does not (22.9 s instead of ~1 s for the 1.3B state).
+            try:
+                _register_host_memory(buffer)
+                buffer._rcm_pinned = True
+            except (AttributeError, RuntimeError) as error:
+                self._can_pin_shared = False
+                log.warning("cannot page-lock shared staging memory (%s); the writer process's staging copies will "
+                            "be slower", error)
         return buffer
 
     def synchronize_staging(self) -> None:
@@ -433,6 +449,17 @@ class _PlainTensorStager(AsyncStager):
     def release(self) -> None:
         """Drop the buffers (the manager's close)."""
         self.buffers.clear()
+
+
+def _register_host_memory(buffer: torch.Tensor) -> None:
+    """cudaHostRegister ``buffer``'s pages (page-locked); unregistered when the buffer (the only tensor on its
+    memory) is collected, before the memory goes back."""
+    import weakref
+
+    from torch.cuda import _pin_memory_utils
+
+    _pin_memory_utils.pin_memory(buffer.data_ptr(), buffer.nbytes)
+    weakref.finalize(buffer, _pin_memory_utils.unpin_memory, buffer.data_ptr())
 
 
 def _plain_containers(tree: Any) -> Any:

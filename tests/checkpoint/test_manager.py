@@ -276,3 +276,43 @@ def test_a_tensor_subclass_falls_back_to_dcps_stager(tmp_path, caplog):
         manager.load_entries(path, loaded)
     assert_state_equal(loaded, training_state(4))
     manager.close()
+
+
+def test_shared_memory_staging_buffers_are_page_locked_for_cuda_tensors(monkeypatch):
+    """For a writer process, CUDA tensors are staged into shared memory that is also page-locked (registered with
+    CUDA, unregistered when the buffer is freed) and copied non-blocking; when registering fails the stager warns
+    once and stages into plain shared memory. CPU stands in for CUDA: the copies and the registration are recorded."""
+    from torch.cuda import _pin_memory_utils
+
+    registered, unregistered, copies = [], [], []
+    monkeypatch.setattr(_pin_memory_utils, "pin_memory", lambda ptr, size: registered.append((ptr, size)))
+    monkeypatch.setattr(_pin_memory_utils, "unpin_memory", lambda ptr: unregistered.append(ptr))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # every tensor "lives on the GPU"
+    real_copy = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src, non_blocking=False: (
+        copies.append(non_blocking), real_copy(self, src))[1])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no synchronize after staging
+
+    stager = manager_module._PlainTensorStager(shared_memory=True)
+    state = training_state(5)
+    staged = stager.stage(state)
+    assert_state_equal(staged, state)
+    buffers = list(stager.buffers.values())
+    assert all(buffer.is_shared() for buffer in buffers)
+    assert sorted(registered) == sorted((b.data_ptr(), b.nbytes) for b in buffers)
+    assert copies == [True] * len(buffers)
+    pointers = {b.data_ptr() for b in buffers}
+    del staged, buffers
+    stager.release()
+    import gc
+    gc.collect()
+    assert set(unregistered) == pointers
+
+    def refuse(ptr, size):
+        raise RuntimeError("Registering memory failed with cudaError: 1")
+
+    monkeypatch.setattr(_pin_memory_utils, "pin_memory", refuse)
+    copies.clear()
+    fallback = manager_module._PlainTensorStager(shared_memory=True)
+    assert_state_equal(fallback.stage(state), state)
+    assert not fallback._can_pin_shared and copies == [False] * len(fallback.buffers)
