@@ -41,8 +41,8 @@ from rcm.eval.networks import NetworkSource, load_network, load_run_config
 from rcm.eval.prompts import TOY_PROMPTS, Prompt, resolve_prompt_inputs
 from rcm.eval.report import markdown_table, prompt_rows, summarize, summary_rows
 from rcm.eval.sampling import STUDENT, TEACHER, SamplerSetting, sample_prompt
-from rcm.checkpoint.manager import atomic_write_bytes
-from rcm.eval.sharding import WorkShard, atomic_torch_save, item_seed, resolve_work_shard
+from rcm.atomic_files import atomic_torch_save, atomic_write_bytes
+from rcm.eval.sharding import WorkShard, item_seed, resolve_work_shard
 from rcm.parallel.distributed import DistributedInfo, barrier
 
 __all__ = [

@@ -42,8 +42,8 @@ from rcm.eval.cli import HelpFormatter, run_on_every_rank
 from rcm.eval.networks import NetworkSource
 from rcm.eval.prompts import TOY_PROMPTS, PromptInputs, resolve_prompt_inputs
 from rcm.eval.sampling import TEACHER, SamplerSetting, sample_batch
-from rcm.checkpoint.manager import atomic_write_bytes
-from rcm.eval.sharding import atomic_torch_save, item_seed, resolve_work_shard
+from rcm.atomic_files import atomic_torch_save, atomic_write_bytes
+from rcm.eval.sharding import item_seed, resolve_work_shard
 from rcm.parallel.distributed import DistributedInfo, barrier
 
 BUILD_CONFIG_FILE = "build_config.json"

@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -35,6 +34,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor
 
+from rcm.atomic_files import atomic_write_bytes
 from rcm.checkpoint.verify import CheckpointCorruptError, read_metadata, verify_checkpoint, verify_torch_file
 from rcm.parallel.distributed import DistributedInfo, barrier
 
@@ -44,16 +44,6 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 COMPLETE_MARKER = "COMPLETE"
 ASYNC_MODES = ("thread", "process")
 _CHECKPOINT_NAME = re.compile(r"^iter_(\d{9})$")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so readers never see half a file."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def is_complete(path: Path) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from rcm.atomic_files import atomic_torch_save
 from rcm.data.shards import SHARD_NAME, write_shards
 
 GROUND_TRUTH_FILE = "ground_truth.pt"
@@ -138,10 +139,7 @@ class ToyMixture:
             "negative_embedding": self.negative_embedding,
             "prompts": self.prompts,
         }
-        path = Path(path)
-        temporary = path.with_name(f".{path.name}.partial")
-        torch.save(state, temporary)
-        os.replace(temporary, path)
+        atomic_torch_save(state, Path(path))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ToyMixture:

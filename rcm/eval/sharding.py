@@ -7,11 +7,7 @@ complete files behind and a rerun, with any number of ranks, produces the same f
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
-
-import torch
 
 from rcm.parallel.distributed import DistributedInfo
 
@@ -50,12 +46,3 @@ def item_seed(seed: int, item_index: int) -> int:
     return seed * SEED_STRIDE + item_index
 
 
-def atomic_torch_save(value: object, path: Path) -> None:
-    """torch.save to `path` through a hidden temporary file renamed at the end, so `path` is never partial."""
-    temporary = path.with_name(f".{path.name}.partial")
-    try:
-        torch.save(value, temporary)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    os.replace(temporary, path)

@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from rcm.checkpoint.manager import atomic_write_bytes
+from rcm.atomic_files import atomic_write_bytes
 
 MIN_WRITE_INTERVAL_S = 0.5
 

@@ -3,7 +3,8 @@ the item, and an interrupted save leaves no file under the final name."""
 import pytest
 import torch
 
-from rcm.eval.sharding import WorkShard, atomic_torch_save, item_seed, resolve_work_shard
+from rcm.atomic_files import atomic_torch_save
+from rcm.eval.sharding import WorkShard, item_seed, resolve_work_shard
 from rcm.parallel.distributed import DistributedInfo
 
 
