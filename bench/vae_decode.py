@@ -19,7 +19,8 @@ from rcm.models.wan_vae import WanVAE
 from rcm.ops.frame_convs import use_frame_convs
 from rcm.parallel.compile import compile_vae_decoder
 
-VARIANTS = {"eager": "eager", "compiled": "compiled", "frame_convs": "compiled, 96-channel convs as frame conv2d"}
+VARIANTS = {"eager": "eager", "compiled": "compiled", "frame_convs": "compiled, 96-channel convs as frame conv2d",
+            "frame_convs_all": "compiled, all 3×3×3 convs as frame conv2d"}
 
 # (in channels = out channels, input frames with the 2 cached past frames, height, width) of the 3×3×3
 # convolutions that hold 85 % of the decode's 275 TFLOP, as one chunk (one latent frame) runs them.
@@ -85,7 +86,8 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, nargs="*", help="only bf16: time these latent frames per chunk")
     parser.add_argument("--compile", action="store_true", help="bf16 decoder variants (--variants) at --chunks (default 1)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
-                        help="with --compile: eager, compiled, compiled with rcm.ops.frame_convs for ≤ 96 channels")
+                        help="with --compile: eager, compiled, compiled with rcm.ops.frame_convs for ≤ 96 channels "
+                             "(frame_convs) or for every 3-frame convolution (frame_convs_all)")
     parser.add_argument("--convs", action="store_true", help="time the largest convolutions alone")
     args = parser.parse_args()
     latent = torch.randn(1, 16, 21, 60, 104, device="cuda")
@@ -96,8 +98,8 @@ def main() -> None:
         rows = []
         for variant in args.variants:
             vae = WanVAE().to("cuda", torch.bfloat16).eval().requires_grad_(False)
-            if variant == "frame_convs":
-                use_frame_convs(vae.decoder, max_channels=96)
+            if variant.startswith("frame_convs"):
+                use_frame_convs(vae.decoder, max_channels=96 if variant == "frame_convs" else 384)
             if variant != "eager":
                 compile_vae_decoder(vae)
             for chunk_frames in args.chunks or [1]:
