@@ -58,6 +58,12 @@ class ParallelDims:
         return self.dp_shard * self.cp
 
 
+def _compile_backends() -> list[str]:
+    import torch._dynamo
+
+    return sorted(torch._dynamo.list_backends(exclude_tags=()))
+
+
 def parallel_config_problems(config: Any, num_heads: int | None = None, num_tokens: int | None = None) -> list[str]:
     """Every problem of a ``parallel`` config section that is visible before the job starts, one sentence each.
 
@@ -78,6 +84,10 @@ def parallel_config_problems(config: Any, num_heads: int | None = None, num_toke
     for key in ("param_dtype", "reduce_dtype"):
         if getattr(config, key) not in ("float32", "bfloat16"):
             problems.append(f"parallel.{key} must be 'float32' or 'bfloat16', got {getattr(config, key)!r}.")
+    backend = getattr(config, "compile_backend", "inductor")
+    if config.compile and backend not in _compile_backends():
+        problems.append(f"parallel.compile_backend must be a torch.compile backend ({', '.join(_compile_backends())}), "
+                        f"got {backend!r}.")
     cp = config.cp
     if isinstance(cp, int) and cp > 1:
         if num_heads is not None and num_heads % cp:

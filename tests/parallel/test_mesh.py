@@ -48,6 +48,16 @@ def test_each_bad_value_gets_its_own_sentence():
     assert len(problems) == 4 and all(p.startswith("parallel.") and p.endswith(".") for p in problems)
 
 
+def test_an_unknown_compile_backend_is_refused_only_when_compiling():
+    assert parallel_config_problems(_config(compile=False, compile_backend="inductr")) == []
+    assert parallel_config_problems(_config(compile=True, compile_backend="aot_eager")) == []
+    (problem,) = parallel_config_problems(_config(compile=True, compile_backend="inductr"))
+    assert problem.startswith("parallel.compile_backend must be a torch.compile backend (") and "inductor" in problem
+    with pytest.raises(ConfigError, match="parallel.compile_backend must be"):
+        load_config(["experiment=toy_rcm", "distill.teacher_checkpoint=x", "parallel.compile=true",
+                     "parallel.compile_backend=inductr"])
+
+
 def test_one_process_needs_no_mesh():
     assert build_device_mesh(_config(), 1, "cpu") is None
 
