@@ -449,7 +449,8 @@ def _register_host_memory(buffer: torch.Tensor) -> None:
     from torch.cuda import _pin_memory_utils
 
     _pin_memory_utils.pin_memory(buffer.data_ptr(), buffer.nbytes)
-    weakref.finalize(buffer, _pin_memory_utils.unpin_memory, buffer.data_ptr())
+    finalizer = weakref.finalize(buffer, _pin_memory_utils.unpin_memory, buffer.data_ptr())
+    finalizer.atexit = False  # at exit the CUDA context may be gone already; the process's memory goes with it
 
 
 def _plain_containers(tree: Any) -> Any:

@@ -47,7 +47,7 @@ def use_frame_convs(model: nn.Module, max_channels: int = 96, min_kernel_frames:
         if (not isinstance(module, nn.Conv3d) or module.in_channels > max_channels
                 or module.kernel_size[0] < min_kernel_frames or module.stride != (1, 1, 1)
                 or module.dilation != (1, 1, 1) or module.groups != 1 or module.padding_mode != "zeros"
-                or module.padding[0] != 0 or isinstance(module.padding, str)):
+                or isinstance(module.padding, str) or module.padding[0] != 0):  # time is padded before the call
             continue
         # nn.Conv3d.forward calls self._conv_forward(input, weight, bias): the one place the kernel is chosen.
         module._conv_forward = functools.partial(_frame_conv_forward, module)
