@@ -1,4 +1,5 @@
-"""`apply_compile`: torch.compile each DiT block, applied from outside the model.
+"""`apply_compile`: torch.compile each DiT block, applied from outside the model (and, at the end,
+`compile_vae_decoder` / `speed_up_vae_decoder` for the VAE's decode).
 
 Wan's blocks keep a float32 residual stream, float32 norms and modulation between bf16 matmuls; eager
 PyTorch runs each of those elementwise steps as its own kernel (casts and copies were ~36 % of CUDA
