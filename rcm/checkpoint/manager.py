@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -163,6 +164,8 @@ class CheckpointManager:
         path.mkdir(parents=True, exist_ok=True)
         # Before the DCP save: its final gather on rank 0 then proves that every rank file exists.
         atomic_write_bytes(rank_file(path, self.info.rank), _to_bytes(rank_state))
+        if self.async_save and self._stager is None and not self._staging_memory_fits(state):
+            self.async_save = False  # decided together by every rank (DCP's save and async_save must not mix)
         if self.async_save:
             upload = self._async_save(_plain_containers(state), path)
             self._pending = self._complete_when_done(upload, iteration, path, started)
@@ -196,6 +199,34 @@ class CheckpointManager:
         if self._own_default_group and dist.is_initialized():
             dist.destroy_process_group()
             self._own_default_group = False
+
+    def _staging_memory_fits(self, state: dict[str, Any]) -> bool:
+        """Collective, before the first async save: whether this node has host memory (and, for a writer process,
+        shared memory) for every local rank's staging buffers. Otherwise warn: saves will be synchronous.
+
+        The buffers hold a full copy of each rank's share of the state for the whole run (40 GB for the 1.3B
+        training state on one GPU); too little memory would make the first save swap, hang or be OOM-killed.
+        """
+        needed = _tensor_bytes(state) * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        free = _host_memory_available()
+        where = "host memory"
+        if self.async_mode == "process":
+            shared = _shared_memory_available()
+            if shared is not None and (free is None or shared < free):
+                free, where = shared, "shared memory (/dev/shm)"
+        short_here = free is not None and needed > 0.9 * free
+        if short_here:
+            log.warning("async checkpointing needs ~%.1f GiB of %s on this node to stage the state (%.1f GiB "
+                        "available): saving synchronously instead (train.async_save=false silences this)",
+                        needed / 2**30, where, free / 2**30)
+        short = short_here
+        if self.info.world_size > 1 and dist.is_initialized():
+            flag = torch.tensor([int(short_here)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._process_group())
+            short = bool(flag.item())
+            if short and not short_here:
+                log.warning("another node lacks memory for async checkpoint staging: saving synchronously instead")
+        return not short
 
     def _release_stager(self) -> None:
         """Free the staging buffers (the next async save allocates new ones)."""
@@ -349,6 +380,38 @@ def iteration_of(path: str | Path) -> int:
     if is_complete(Path(path)):
         return int(read_marker(Path(path))["iteration"])
     raise ValueError(f"{path} is not a checkpoint directory (expected a name like iter_000001000)")
+
+
+def _tensor_bytes(tree: Any) -> int:
+    """Bytes this rank stages for ``tree``: its tensors, a DTensor's local shard only."""
+    if isinstance(tree, Mapping):
+        return sum(_tensor_bytes(value) for value in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_tensor_bytes(value) for value in tree)
+    if isinstance(tree, DTensor):
+        return tree.to_local().nbytes
+    return tree.nbytes if torch.is_tensor(tree) else 0
+
+
+def _host_memory_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes; None where there is no such file (not Linux)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _shared_memory_available() -> int | None:
+    """Free bytes of /dev/shm (containers often mount a small one); None where it does not exist."""
+    try:
+        stats = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
 
 
 def _count_tensors(tree: Any) -> int:

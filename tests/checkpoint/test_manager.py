@@ -316,3 +316,60 @@ def test_shared_memory_staging_buffers_are_page_locked_for_cuda_tensors(monkeypa
     fallback = manager_module._PlainTensorStager(shared_memory=True)
     assert_state_equal(fallback.stage(state), state)
     assert not fallback._can_pin_shared and copies == [False] * len(fallback.buffers)
+
+
+@pytest.mark.parametrize("mode,short_of", [("thread", "host"), ("process", "shm")])
+def test_async_save_without_memory_for_its_buffers_saves_synchronously(tmp_path, monkeypatch, caplog, mode, short_of):
+    """Staging needs a copy of the state in host (thread) or shared (process) memory; without room the first save
+    warns, writes synchronously and every later save does too, instead of swapping or being OOM-killed."""
+    state_bytes = 3 * 64 * 64 * 4 + 64 * 4 + 4  # three 64×64 float32 tensors, a bias and a scalar step
+    assert manager_module._tensor_bytes(training_state(1)) == state_bytes
+    plenty, little = 100 * state_bytes, state_bytes  # 0.9 × little is less than the state
+    monkeypatch.setattr(manager_module, "_host_memory_available", lambda: little if short_of == "host" else plenty)
+    monkeypatch.setattr(manager_module, "_shared_memory_available", lambda: little if short_of == "shm" else plenty)
+    manager = CheckpointManager(tmp_path, async_save=True, async_mode=mode)
+    with caplog.at_level(logging.WARNING):
+        first = manager.save(1, training_state(1), {"iteration": 1})
+    where = "host memory" if short_of == "host" else "/dev/shm"
+    assert "saving synchronously" in caplog.text and where in caplog.text
+    assert is_complete(first) and not manager.in_flight and manager._stager is None and not manager.async_save
+    second = manager.save(2, training_state(2), {"iteration": 2})
+    assert is_complete(second)
+    for path, seed in ((first, 1), (second, 2)):
+        loaded = zeros_like_state(training_state(seed))
+        manager.load_entries(path, loaded)
+        assert_state_equal(loaded, training_state(seed))
+    manager.close()
+
+
+def test_async_save_with_room_for_its_buffers_stays_asynchronous(tmp_path, monkeypatch):
+    monkeypatch.setattr(manager_module, "_host_memory_available", lambda: 10 * manager_module._tensor_bytes(training_state(1)))
+    manager = CheckpointManager(tmp_path, async_save=True)
+    manager.save(1, training_state(1), {"iteration": 1}, wait=True)
+    assert manager.async_save and isinstance(manager._stager, manager_module._PlainTensorStager)
+    manager.close()
+
+
+def _memory_vote_worker(rank: int, world_size: int, root: str) -> None:
+    """Rank 1's node is short of memory: both ranks must save synchronously (DCP collectives must match)."""
+    import torch.distributed as dist
+
+    from rcm.parallel.distributed import DistributedInfo
+
+    dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=world_size)
+    try:
+        manager_module._host_memory_available = (lambda: 1) if rank == 1 else (lambda: 2**40)
+        manager = CheckpointManager(Path(root) / "ckpt", DistributedInfo(rank=rank, world_size=world_size), async_save=True)
+        path = manager.save(3, {"part": {f"rank{rank}": torch.full((4,), float(rank))}}, {"rank": rank})
+        torch.save({"async_save": manager.async_save, "complete": is_complete(path)}, Path(root) / f"result{rank}.pt")
+        manager.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_to_save_synchronously_when_one_node_is_short(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_memory_vote_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"result{rank}.pt") for rank in range(2)]
+    assert results == [{"async_save": False, "complete": True}] * 2
