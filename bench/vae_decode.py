@@ -54,6 +54,7 @@ def time_convs(repeats: int) -> None:
 
 
 def _median_seconds(function, repeats: int) -> float:
+    """Median seconds of ``function()`` (CUDA-synchronized) over ``repeats`` runs after one warm-up run."""
     function()
     times = []
     for _ in range(repeats):
@@ -65,18 +66,10 @@ def _median_seconds(function, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+@torch.no_grad()
 def time_decode(vae: WanVAE, latent: torch.Tensor, repeats: int, chunk_frames: int = 1) -> float:
-    """Median seconds of a chunked decode after one warm-up."""
-    times = []
-    for i in range(repeats + 1):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.no_grad():
-            vae.decode(latent, chunk_frames=chunk_frames)
-        torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    """Median seconds of a chunked decode after one warm-up (which compiles a compiled decoder)."""
+    return _median_seconds(lambda: vae.decode(latent, chunk_frames=chunk_frames), repeats)
 
 
 def main() -> None:
