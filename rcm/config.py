@@ -63,6 +63,8 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
     weight_decay: float = 0.01
     warmup_iters: int = 0
+    decay: str = "none"  # none | linear | cosine: from the end of warmup to train.max_iters
+    min_lr_ratio: float = 0.0  # the decay ends at lr × this
     grad_clip: float = 0.0  # 0 disables clipping (the recipe uses none)
 
 
@@ -185,6 +187,9 @@ def validate_config(cfg: Any) -> None:
     if train.mixed_precision not in ("bf16", "none"):
         raise ConfigError(f"train.mixed_precision must be 'bf16' or 'none', got '{train.mixed_precision}'")
     _validate_checkpointing(train)
+    optim = cfg.get("optim") if OmegaConf.is_config(cfg) else getattr(cfg, "optim", None)
+    if optim is not None:
+        _validate_optim(optim)
     launch = cfg.get("launch") if OmegaConf.is_config(cfg) else getattr(cfg, "launch", None)
     if launch is not None:
         _validate_launch(launch)
@@ -205,6 +210,19 @@ def _validate_checkpointing(train: Any) -> None:
     if train.resume_from and str(train.resume_from).endswith((".pth", ".pt")) and not train.resume_weights_only:
         raise ConfigError(f"train.resume_from={train.resume_from} is a weights file: set train.resume_weights_only=true "
                           "(the full training state is only in DCP checkpoints)")
+
+
+LR_DECAYS = ("none", "linear", "cosine")
+
+
+def _validate_optim(optim: Any) -> None:
+    if optim.decay not in LR_DECAYS:
+        raise ConfigError(f"optim.decay must be one of {', '.join(LR_DECAYS)}, got {optim.decay!r}")
+    if not 0.0 <= optim.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1] (the fraction of the learning rate the decay ends at), "
+                          f"got {optim.min_lr_ratio}")
+    if optim.warmup_iters < 0:
+        raise ConfigError(f"optim.warmup_iters must be at least 0, got {optim.warmup_iters}")
 
 
 def _validate_launch(launch: Any) -> None:

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -218,8 +219,8 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _set_lr(self, role: str) -> None:
-        warmup = self.cfg.optim.warmup_iters
-        factor = min(1.0, (self.iteration + 1) / warmup) if warmup > 0 else 1.0
+        optim = self.cfg.optim
+        factor = lr_factor(self.iteration, optim.warmup_iters, self.cfg.train.max_iters, optim.decay, optim.min_lr_ratio)
         for group in self.optimizers[role].param_groups:
             group["lr"] = self.base_lr[role] * factor
 
@@ -298,6 +299,27 @@ def _progress(initial: int, total: int, enabled: bool, desc: str):
     from tqdm import tqdm
 
     return tqdm(initial=initial, total=total, disable=not enabled, desc=desc, dynamic_ncols=True, file=sys.stderr)
+
+
+def lr_factor(iteration: int, warmup_iters: int, max_iters: int, decay: str = "none", min_ratio: float = 0.0) -> float:
+    """The learning-rate multiplier at ``iteration`` (0-based): a linear warmup over ``warmup_iters``, then
+    ``decay`` (none, linear or cosine) from 1 down to ``min_ratio`` at the last iteration, ``max_iters`` − 1.
+
+    A function of the iteration alone, so a resumed run continues the same schedule.
+    """
+    if warmup_iters > 0 and iteration < warmup_iters:
+        return (iteration + 1) / warmup_iters
+    if decay == "none":
+        return 1.0
+    span = max_iters - 1 - warmup_iters
+    progress = min(1.0, (iteration - warmup_iters) / span) if span > 0 else 1.0
+    if decay == "linear":
+        shape = 1.0 - progress
+    elif decay == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"unknown learning-rate decay {decay!r}")
+    return min_ratio + (1.0 - min_ratio) * shape
 
 
 def train(cfg: Any) -> dict[str, Any]:

@@ -138,3 +138,29 @@ def test_context_parallel_training_matches_one_process(toy_setup, tmp_path):
         load_model_weights(sharded, tmp_path / "cp", prefer=role)
         for (name, a), b in zip(reference.state_dict().items(), sharded.state_dict().values()):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (role, name)
+
+
+def test_lr_factor_warmup_then_linear_or_cosine_decay():
+    from rcm.train import lr_factor
+
+    assert [lr_factor(i, 4, 100) for i in (0, 1, 3, 4, 99)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    # decay from the end of warmup (iteration 4) to the last iteration (9)
+    assert [round(lr_factor(i, 4, 10, "linear", 0.1), 6) for i in (3, 4, 6, 9)] == [1.0, 1.0, 0.64, 0.1]
+    assert [round(lr_factor(i, 0, 5, "cosine"), 6) for i in range(5)] == [1.0, 0.853553, 0.5, 0.146447, 0.0]
+    assert lr_factor(50, 0, 10, "cosine", 0.2) == pytest.approx(0.2)  # past max_iters (a longer resumed run) stays at the end
+    with pytest.raises(ValueError, match="unknown learning-rate decay"):
+        lr_factor(0, 0, 10, "step")
+
+
+def test_trainer_applies_the_decay_and_the_config_checks_it(toy_setup, tmp_path):
+    cfg = rcm_config(toy_setup, tmp_path / "run", 6, ["optim.decay=linear", "optim.min_lr_ratio=0.25"])
+    trainer = Trainer(cfg, torch.device("cpu"), DistributedInfo())
+    for iteration, factor in ((0, 1.0), (5, 0.25)):
+        trainer.iteration = iteration
+        for role, optimizer in trainer.optimizers.items():
+            trainer._set_lr(role)
+            assert optimizer.param_groups[0]["lr"] == pytest.approx(trainer.base_lr[role] * factor)
+    with pytest.raises(ConfigError, match="optim.decay must be one of none, linear, cosine"):
+        rcm_config(toy_setup, tmp_path / "bad", 6, ["optim.decay=exp"])
+    with pytest.raises(ConfigError, match="optim.min_lr_ratio must be in"):
+        rcm_config(toy_setup, tmp_path / "bad", 6, ["optim.min_lr_ratio=2"])
