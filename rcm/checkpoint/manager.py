@@ -486,7 +486,7 @@ class _PlainTensorStager(AsyncStager):
             try:
                 _register_host_memory(buffer)
                 buffer._rcm_pinned = True
-            except (AttributeError, RuntimeError) as error:
+            except (ImportError, AttributeError, RuntimeError) as error:
                 self._can_pin_shared = False
                 log.warning("cannot page-lock shared staging memory (%s); the writer process's staging copies will "
                             "be slower", error)
