@@ -5,7 +5,7 @@
 set -u
 out=${1:-bench_parallel_out}; shift || true
 mkdir -p "$out"
-run() {  # name nproc compile-flag args...
+run() {  # name nproc args for bench/parallel_step.py...
     local name=$1 nproc=$2; shift 2
     timeout 240 torchrun --standalone --nproc_per_node="$nproc" bench/parallel_step.py --json "$out/$name.json" "$@" "${EXTRA[@]}" \
         >"$out/$name.log" 2>&1 || echo "$name failed (see $out/$name.log)"

@@ -1,6 +1,6 @@
 """Wan2.1 VAE decode of one 480p latent (16×21×60×104 → 81 frames 832×480) on one GPU: dtype, cuDNN
 autotuning and memory format, each in one run; with --chunks, bf16 decode by latent frames per chunk;
-with --compile, bf16 eager against the compiled decoder (rcm.parallel.compile.compile_vae_decoder) at
+with --compile, bf16 decoder variants (--variants: eager, compiled, compiled with frame convolutions) at
 those chunk sizes; with --convs, the TFLOP/s of the decoder's three largest convolutions alone.
 
     python bench/vae_decode.py [--repeats 3] [--chunks 1 3 7 21] [--compile] [--convs]
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from rcm.models.wan_vae import WanVAE
 from rcm.ops.frame_convs import use_frame_convs
-from rcm.parallel.compile import compile_vae_decoder
+from rcm.parallel.compile import compile_vae_decoder, speed_up_vae_decoder
 
 VARIANTS = {"eager": "eager", "compiled": "compiled", "frame_convs": "compiled, 96-channel convs as frame conv2d",
             "frame_convs_all": "compiled, all 3×3×3 convs as frame conv2d"}
@@ -91,9 +91,12 @@ def main() -> None:
         rows = []
         for variant in args.variants:
             vae = WanVAE().to("cuda", torch.bfloat16).eval().requires_grad_(False)
-            if variant.startswith("frame_convs"):
-                use_frame_convs(vae.decoder, max_channels=96 if variant == "frame_convs" else 384)
-            if variant != "eager":
+            if variant == "frame_convs":
+                speed_up_vae_decoder(vae)  # what rcm.generate --compile_vae runs
+            elif variant == "frame_convs_all":
+                use_frame_convs(vae.decoder, max_channels=384)
+                compile_vae_decoder(vae)
+            elif variant == "compiled":
                 compile_vae_decoder(vae)
             for chunk_frames in args.chunks or [1]:
                 torch.cuda.reset_peak_memory_stats()

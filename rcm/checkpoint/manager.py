@@ -382,15 +382,23 @@ def iteration_of(path: str | Path) -> int:
     raise ValueError(f"{path} is not a checkpoint directory (expected a name like iter_000001000)")
 
 
-def _tensor_bytes(tree: Any) -> int:
-    """Bytes this rank stages for ``tree``: its tensors, a DTensor's local shard only."""
+def _staged_tensors(tree: Any):
+    """The tensors this rank stages for ``tree``, a DTensor as its local shard."""
     if isinstance(tree, Mapping):
-        return sum(_tensor_bytes(value) for value in tree.values())
-    if isinstance(tree, (list, tuple)):
-        return sum(_tensor_bytes(value) for value in tree)
-    if isinstance(tree, DTensor):
-        return tree.to_local().nbytes
-    return tree.nbytes if torch.is_tensor(tree) else 0
+        for value in tree.values():
+            yield from _staged_tensors(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _staged_tensors(value)
+    elif isinstance(tree, DTensor):
+        yield tree.to_local()
+    elif torch.is_tensor(tree):
+        yield tree
+
+
+def _tensor_bytes(tree: Any) -> int:
+    """Bytes this rank stages for ``tree``."""
+    return sum(tensor.nbytes for tensor in _staged_tensors(tree))
 
 
 def _host_memory_available() -> int | None:
@@ -415,11 +423,7 @@ def _shared_memory_available() -> int | None:
 
 
 def _count_tensors(tree: Any) -> int:
-    if isinstance(tree, Mapping):
-        return sum(_count_tensors(value) for value in tree.values())
-    if isinstance(tree, (list, tuple)):
-        return sum(_count_tensors(value) for value in tree)
-    return int(torch.is_tensor(tree))
+    return sum(1 for _ in _staged_tensors(tree))
 
 
 def _raise_open_file_limit(needed: int) -> bool:

@@ -139,7 +139,7 @@ class ToyMixture:
             "negative_embedding": self.negative_embedding,
             "prompts": self.prompts,
         }
-        atomic_torch_save(state, Path(path))
+        atomic_torch_save(state, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ToyMixture:

@@ -84,10 +84,9 @@ def parallel_config_problems(config: Any, num_heads: int | None = None, num_toke
     for key in ("param_dtype", "reduce_dtype"):
         if getattr(config, key) not in ("float32", "bfloat16"):
             problems.append(f"parallel.{key} must be 'float32' or 'bfloat16', got {getattr(config, key)!r}.")
-    backend = getattr(config, "compile_backend", "inductor")
-    if config.compile and backend not in _compile_backends():
-        problems.append(f"parallel.compile_backend must be a torch.compile backend ({', '.join(_compile_backends())}), "
-                        f"got {backend!r}.")
+    if config.compile and config.compile_backend not in (backends := _compile_backends()):
+        problems.append(f"parallel.compile_backend must be a torch.compile backend ({', '.join(backends)}), "
+                        f"got {config.compile_backend!r}.")
     cp = config.cp
     if isinstance(cp, int) and cp > 1:
         if num_heads is not None and num_heads % cp:
