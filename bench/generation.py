@@ -36,7 +36,7 @@ from rcm.generate import DTYPES, RESOLUTIONS, free_memory, video_size
 from rcm.models.umt5 import UMT5Config, UMT5Encoder
 from rcm.models.wan_dit import build_wan_dit
 from rcm.models.wan_vae import WanVAE, WanVAEConfig
-from rcm.parallel.compile import apply_compile, compile_vae_decoder, speed_up_vae_decoder
+from rcm.parallel.compile import DEFAULT_VAE_RECIPE, VAE_DECODER_RECIPES, apply_compile, speed_up_vae_decoder
 
 GUIDANCE_SCALE = 5.0  # Wan2.1 T2V's sample_guide_scale; the value does not change the cost
 TEACHER_SHIFT = 5.0  # Wan2.1 T2V's sample_shift
@@ -187,7 +187,7 @@ def bench_vae(args, device: torch.device, vae_config: WanVAEConfig, latent: torc
                 module.reset_parameters()
 
     if args.vae_compile:  # the warm-up run below compiles
-        speed_up_vae_decoder(vae) if args.vae_frame_convs else compile_vae_decoder(vae)
+        speed_up_vae_decoder(vae, recipe=args.vae_recipe)
 
     def decode() -> torch.Tensor:
         with torch.no_grad():
@@ -215,9 +215,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="VAE decode dtype (default: %(default)s, as Wan2.1 decodes)")
     parser.add_argument("--vae-compile", action="store_true",
                         help="torch.compile the VAE decoder (rcm.parallel.compile.compile_vae_decoder)")
-    parser.add_argument("--vae-frame-convs", action="store_true",
-                        help="with --vae-compile: 96-channel convolutions as 2-D convolutions over frames "
-                             "(rcm.parallel.compile.speed_up_vae_decoder, what rcm.generate --compile_vae runs)")
+    parser.add_argument("--vae-recipe", default=DEFAULT_VAE_RECIPE, choices=list(VAE_DECODER_RECIPES),
+                        help="with --vae-compile: the forms of the decoder's convolutions "
+                             "(rcm.parallel.compile.VAE_DECODER_RECIPES; default %(default)s, what rcm.generate --compile_vae runs)")
     parser.add_argument("--vae-chunk-frames", type=int, default=1,
                         help="latent frames decoded per chunk (default: %(default)s, as Wan2.1; more is faster and larger)")
     parser.add_argument("--repeats", type=int, default=3,
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     frames, height, width = vae["video_shape"][2:]
     print(f"\n{args.model}, {frames} frames {width}×{height}, one {name}; attention {model_fields['attention_backend']}, "
           f"DiT compile {'on' if args.dit_compile else 'off'}, DiT bf16{' (fp32 on CPU)' if args.smoke else ''}, "
-          f"VAE {args.vae_dtype}{' compiled' if args.vae_compile else ''}{' with frame convs' if args.vae_compile and args.vae_frame_convs else ''}; median of {args.repeats} (teacher DiT: 1 run)\n")
+          f"VAE {args.vae_dtype}{' compiled' if args.vae_compile else ''}{f' ({args.vae_recipe})' if args.vae_compile else ''}; median of {args.repeats} (teacher DiT: 1 run)\n")
     student_label = f"student {args.student_steps}-step"
     teacher_label = f"teacher {args.teacher_steps}×CFG"
     print(f"| stage | {student_label} (s) | {teacher_label} (s) | peak memory {student_label} / teacher (GiB) |")

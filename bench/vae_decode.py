@@ -1,7 +1,7 @@
 """Wan2.1 VAE decode of one 480p latent (16×21×60×104 → 81 frames 832×480) on one GPU: dtype, cuDNN
 autotuning and memory format, each in one run; with --chunks, bf16 decode by latent frames per chunk;
-with --compile, bf16 decoder variants (--variants: eager, compiled, compiled with frame convolutions) at
-those chunk sizes; with --convs, the TFLOP/s of the decoder's three largest convolutions alone.
+with --compile, bf16 decoder variants (--variants: eager or a compiled recipe of
+rcm.parallel.compile.VAE_DECODER_RECIPES) at those chunk sizes, and --best-to FILE writes the fastest; with --convs, the TFLOP/s of the decoder's three largest convolutions alone.
 
     python bench/vae_decode.py [--repeats 3] [--chunks 1 3 7 21] [--compile] [--convs]
 
@@ -16,11 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from rcm.models.wan_vae import WanVAE
-from rcm.ops.frame_convs import use_frame_convs
-from rcm.parallel.compile import compile_vae_decoder, speed_up_vae_decoder
+from rcm.ops.frame_convs import conv3d_as_frame_convs, conv3d_as_stacked_frame_conv
+from rcm.parallel.compile import VAE_DECODER_RECIPES, speed_up_vae_decoder
 
-VARIANTS = {"eager": "eager", "compiled": "compiled", "frame_convs": "compiled, 96-channel convs as frame conv2d",
-            "frame_convs_all": "compiled, all 3×3×3 convs as frame conv2d"}
+VARIANTS = ["eager", *VAE_DECODER_RECIPES]
 
 # (in channels = out channels, input frames with the 2 cached past frames, height, width) of the 3×3×3
 # convolutions that hold 85 % of the decode's 275 TFLOP, as one chunk (one latent frame) runs them.
@@ -28,9 +27,11 @@ LARGEST_CONVS = ((96, 6, 480, 832), (192, 6, 240, 416), (384, 4, 120, 208))
 
 
 def time_convs(repeats: int) -> None:
-    """TFLOP/s of each large causal convolution: cuDNN conv3d in both layouts, and as 3 summed conv2d taps."""
-    print("| channels | frames in → out | H×W | conv3d (TFLOP/s) | conv3d channels_last_3d | 3 conv2d taps, channels_last |")
-    print("|---:|---|---|---:|---:|---:|")
+    """TFLOP/s of each large causal convolution: cuDNN conv3d in both layouts, as 3 summed conv2d taps and as
+    one conv2d over the taps stacked along channels (`rcm.ops.frame_convs`, layout copies included)."""
+    print("| channels | frames in → out | H×W | conv3d (TFLOP/s) | conv3d channels_last_3d | 3 conv2d taps, channels_last "
+          "| taps (with copies) | stacked taps (with copies) |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|")
     for channels, frames, height, width in LARGEST_CONVS:
         x = torch.randn(1, channels, frames, height, width, device="cuda", dtype=torch.bfloat16)
         weight = torch.randn(channels, channels, 3, 3, 3, device="cuda", dtype=torch.bfloat16) * 0.01
@@ -46,11 +47,20 @@ def time_convs(repeats: int) -> None:
 
         rates = []
         for run in (lambda: F.conv3d(x, weight, padding=(0, 1, 1)), lambda: F.conv3d(x_last, weight_last, padding=(0, 1, 1)),
-                    as_taps):
+                    as_taps, lambda: conv3d_as_frame_convs(x, weight, None, (1, 1)),
+                    lambda: conv3d_as_stacked_frame_conv(x, weight, None, (1, 1))):
             seconds = _median_seconds(run, repeats * 5)
             rates.append(flop / seconds / 1e12)
-        print(f"| {channels} | {frames} → {out_frames} | {height}×{width} | {rates[0]:.0f} | {rates[1]:.0f} | {rates[2]:.0f} |",
+        print(f"| {channels} | {frames} → {out_frames} | {height}×{width} | " + " | ".join(f"{rate:.0f}" for rate in rates) + " |",
               flush=True)
+
+
+def variant_and_chunks(text: str) -> tuple[str, list[int] | None]:
+    """'taps96' → ('taps96', None: the --chunks sizes); 'taps96@3' → ('taps96', [3])."""
+    name, _, chunk = text.partition("@")
+    if name not in VARIANTS or (chunk and not (chunk.isdigit() and int(chunk) >= 1)):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected one of {', '.join(VARIANTS)}, optionally @K with K ≥ 1")
+    return name, [int(chunk)] if chunk else None
 
 
 def _median_seconds(function, repeats: int) -> float:
@@ -78,10 +88,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunks", type=int, nargs="*", help="only bf16: time these latent frames per chunk")
     parser.add_argument("--compile", action="store_true", help="bf16 decoder variants (--variants) at --chunks (default 1)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
-                        help="with --compile: eager, compiled, compiled with rcm.ops.frame_convs for ≤ 96 channels "
-                             "(frame_convs) or for every 3-frame convolution (frame_convs_all)")
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, type=variant_and_chunks, metavar="VARIANT[@CHUNK]",
+                        help="with --compile: eager, or a compiled decoder recipe of rcm.parallel.compile.VAE_DECODER_RECIPES "
+                             f"(its convolutions in the forms of rcm.ops.frame_convs): {', '.join(VARIANTS)}; "
+                             "NAME@K times it at K latent frames per chunk instead of --chunks")
     parser.add_argument("--convs", action="store_true", help="time the largest convolutions alone")
+    parser.add_argument("--best-to", metavar="FILE", help="with --compile: write the fastest compiled recipe and its chunk "
+                                                          "size to FILE as 'RECIPE CHUNK_FRAMES' (for bench/generation.py)")
     args = parser.parse_args()
     latent = torch.randn(1, 16, 21, 60, 104, device="cuda")
     print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; cuDNN {torch.backends.cudnn.version()}")
@@ -89,24 +102,25 @@ def main() -> None:
         time_convs(args.repeats)
     if args.compile:
         rows = []
-        for variant in args.variants:
+        for item in args.variants:
+            variant, chunk_sizes = item if isinstance(item, tuple) else (item, None)
             vae = WanVAE().to("cuda", torch.bfloat16).eval().requires_grad_(False)
-            if variant == "frame_convs":
-                speed_up_vae_decoder(vae)  # what rcm.generate --compile_vae runs
-            elif variant == "frame_convs_all":
-                use_frame_convs(vae.decoder, max_channels=384)
-                compile_vae_decoder(vae)
-            elif variant == "compiled":
-                compile_vae_decoder(vae)
-            for chunk_frames in args.chunks or [1]:
+            if variant != "eager":
+                speed_up_vae_decoder(vae, recipe=variant)  # what rcm.generate --compile_vae runs for its recipe
+            for chunk_frames in chunk_sizes or args.chunks or [1]:
                 torch.cuda.reset_peak_memory_stats()
                 seconds = time_decode(vae, latent, args.repeats, chunk_frames)  # its warm-up compiles
-                rows.append((VARIANTS[variant], chunk_frames, seconds, torch.cuda.max_memory_allocated() / 2**30))
+                rows.append((variant, chunk_frames, seconds, torch.cuda.max_memory_allocated() / 2**30))
                 print(rows[-1], flush=True)
             del vae
         print("| decoder | latent frames per chunk | decode (s) | peak (GiB) |\n|---|---:|---:|---:|")
         for label, chunk_frames, seconds, memory in rows:
             print(f"| {label} | {chunk_frames} | {seconds:.3f} | {memory:.1f} |")
+        compiled = [row for row in rows if row[0] != "eager"]
+        if args.best_to and compiled:
+            recipe, chunk_frames = min(compiled, key=lambda row: row[2])[:2]
+            with open(args.best_to, "w") as best:
+                best.write(f"{recipe} {chunk_frames}\n")
         return
     if args.convs:
         return

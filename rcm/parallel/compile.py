@@ -50,13 +50,30 @@ def compile_vae_decoder(vae: nn.Module, backend: str = "inductor") -> nn.Module:
     return vae
 
 
-def speed_up_vae_decoder(vae: nn.Module, backend: str = "inductor") -> nn.Module:
-    """The fastest measured decoder: 96-channel convolutions as 2-D convolutions over frames
-    (`rcm.ops.frame_convs`), then compiled. 81 frames at 480p, bf16, H100: 1.64 s eager, 1.14 s compiled,
-    0.91 s both (docs/benchmarks.md)."""
+# Decoder recipes: (form of rcm.ops.frame_convs, min input channels, max input channels) applied in order to
+# the decoder's 3-frame convolutions before compiling. bench/vae_decode.py --compile times each one.
+VAE_DECODER_RECIPES: dict[str, tuple[tuple[str, int, int], ...]] = {
+    "compiled": (),
+    "taps96": (("taps", 1, 96),),
+    "stacked96": (("stacked", 1, 96),),
+    "taps_all": (("taps", 1, 384),),
+    "stacked_all": (("stacked", 1, 384),),
+    "taps96_cl3d": (("taps", 1, 96), ("channels_last_3d", 97, 384)),
+    "stacked96_cl3d": (("stacked", 1, 96), ("channels_last_3d", 97, 384)),
+}
+DEFAULT_VAE_RECIPE = "taps96"
+
+
+def speed_up_vae_decoder(vae: nn.Module, backend: str = "inductor", recipe: str = DEFAULT_VAE_RECIPE) -> nn.Module:
+    """The decoder's 3-frame convolutions in the forms of ``recipe`` (`VAE_DECODER_RECIPES`), then compiled.
+    The default is the fastest measured: 81 frames at 480p, bf16, H100: 1.64 s eager, 1.14 s compiled,
+    0.91 s with the 96-channel convolutions as per-tap 2-D convolutions (docs/benchmarks.md)."""
+    if recipe not in VAE_DECODER_RECIPES:
+        raise ValueError(f"speed_up_vae_decoder: unknown recipe {recipe!r}; choose from {', '.join(VAE_DECODER_RECIPES)}.")
     if not getattr(vae.decoder, "_rcm_compiled", False):  # a compiled forward has already traced its kernels
-        use_frame_convs(vae.decoder, max_channels=96)
+        for form, min_channels, max_channels in VAE_DECODER_RECIPES[recipe]:
+            use_frame_convs(vae.decoder, max_channels=max_channels, min_channels=min_channels, form=form)
     return compile_vae_decoder(vae, backend=backend)
 
 
-__all__ = ["apply_compile", "compile_vae_decoder", "speed_up_vae_decoder"]
+__all__ = ["DEFAULT_VAE_RECIPE", "VAE_DECODER_RECIPES", "apply_compile", "compile_vae_decoder", "speed_up_vae_decoder"]

@@ -1,4 +1,6 @@
 """Compiled blocks give the same outputs, tangents and gradients as eager blocks, alone and checkpointed."""
+import functools
+
 import pytest
 import torch
 
@@ -63,3 +65,25 @@ def test_compiled_vae_decoder_matches_eager_chunk_by_chunk():
         expected, actual = eager.decode(latent), compiled.decode(latent)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # first chunk, later chunks: no breaks
     assert relative_error(actual, expected) < 1e-12
+
+
+@pytest.mark.parametrize("recipe", ["taps96", "stacked_all", "stacked96_cl3d"])
+def test_vae_decoder_recipes_decode_as_eager(recipe):
+    """A recipe swaps convolution forms (tiny VAE: 'up to 96 channels' is all of them) and compiles; same video."""
+    from rcm.parallel.compile import speed_up_vae_decoder
+    from tests.models.test_wan_vae import random_tiny_vae, relative_error
+
+    eager, fast = random_tiny_vae(), random_tiny_vae()
+    speed_up_vae_decoder(fast, backend="aot_eager", recipe=recipe)
+    assert any(isinstance(getattr(m, "_conv_forward", None), functools.partial) for m in fast.decoder.modules())
+    latent = torch.randn(1, 16, 3, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert relative_error(fast.decode(latent), eager.decode(latent)) < 1e-12
+
+
+def test_unknown_vae_decoder_recipe_is_refused():
+    from rcm.parallel.compile import speed_up_vae_decoder
+    from tests.models.test_wan_vae import random_tiny_vae
+
+    with pytest.raises(ValueError, match="unknown recipe 'fastest'; choose from compiled, taps96"):
+        speed_up_vae_decoder(random_tiny_vae(), recipe="fastest")
