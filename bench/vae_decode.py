@@ -104,6 +104,9 @@ def main() -> None:
         rows = []
         for item in args.variants:
             variant, chunk_sizes = item if isinstance(item, tuple) else (item, None)
+            # Each decoder is a new module: without a reset its guards pile up to Dynamo's recompile limit, after
+            # which it silently runs eager (it did at the 5th variant).
+            torch._dynamo.reset()
             vae = WanVAE().to("cuda", torch.bfloat16).eval().requires_grad_(False)
             if variant != "eager":
                 speed_up_vae_decoder(vae, recipe=variant)  # what rcm.generate --compile_vae runs for its recipe

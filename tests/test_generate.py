@@ -14,6 +14,7 @@ from rcm.models.text_encoder import TextEncoder
 from rcm.models.umt5 import OFFICIAL_CHECKPOINT_NAME as UMT5_FILE
 from rcm.models.umt5 import UMT5Config
 from rcm.models.wan_vae import OFFICIAL_CHECKPOINT_NAME as VAE_FILE
+from rcm.models.wan_vae import WanVAE
 from rcm.train import build_network
 from rcm.video import video_to_uint8_frames, write_mp4
 from tests.helpers import write_tiny_tokenizer, write_tiny_umt5, write_tiny_wan_vae
@@ -265,9 +266,9 @@ def test_write_mp4_round_trips_frames_and_rejects_odd_sizes(tmp_path):
         write_mp4(torch.zeros(3, 1, 33, 48), tmp_path / "odd.mp4")
 
 
-def test_compile_vae_decodes_the_same_video(release, tmp_path, monkeypatch):
-    """--compile_vae runs the sped-up decoder (frame convolutions + torch.compile): the video written equals the plain
-    decode's up to float32 rounding. aot_eager stands in for inductor (CI has no C++ compiler); the 96-channel rule is lowered to reach the
+def test_compile_vae_decodes_the_same_video(release, tmp_path, monkeypatch, capsys):
+    """--compile_vae runs the sped-up decoder (frame convolutions + torch.compile) on chunks of 3 latent frames, and
+    --vae_chunk_frames sets the chunk: the video written equals the plain decode's up to float32 rounding. aot_eager stands in for inductor (CI has no C++ compiler); the 96-channel rule is lowered to reach the
     tiny VAE's convolutions."""
     from rcm.ops import frame_convs
     from rcm.parallel import compile as compile_module
@@ -286,13 +287,27 @@ def test_compile_vae_decodes_the_same_video(release, tmp_path, monkeypatch):
         videos[path.name] = video.clone()
         return real_write(video, path, fps=fps)
 
+    chunk_sizes = []
+    real_decode = WanVAE.decode
+
+    def decode(self, latent, chunked=True, chunk_frames=1):
+        chunk_sizes.append(chunk_frames)
+        return real_decode(self, latent, chunked=chunked, chunk_frames=chunk_frames)
+
     monkeypatch.setattr(generate, "speed_up_vae_decoder", speed_up)
     monkeypatch.setattr(generate, "write_mp4", write)
+    monkeypatch.setattr(WanVAE, "decode", decode)
     prompt = ["--prompt", "a red fox", "--seed", "3"]
     assert generate.main(cli_args(release, tmp_path / "plain.mp4", *prompt)) == 0
-    assert not calls
+    assert not calls and chunk_sizes == [1]  # Wan2.1's one latent frame at a time
     assert generate.main(cli_args(release, tmp_path / "fast.mp4", *prompt, "--compile_vae")) == 0
-    assert calls and calls[0] > 0
+    assert calls and calls[0] > 0 and chunk_sizes[-1] == 3  # the fastest measured chunk
     assert videos["fast.mp4"].shape == (3, FRAMES, HEIGHT, WIDTH)
     torch.testing.assert_close(videos["fast.mp4"], videos["plain.mp4"], rtol=0, atol=1e-5)
+    assert generate.main(cli_args(release, tmp_path / "two.mp4", *prompt, "--vae_chunk_frames", "2")) == 0
+    assert chunk_sizes[-1] == 2
+    torch.testing.assert_close(videos["two.mp4"], videos["plain.mp4"], rtol=0, atol=1e-5)
+    with pytest.raises(SystemExit):
+        generate.main(cli_args(release, tmp_path / "zero.mp4", *prompt, "--vae_chunk_frames", "0"))
+    assert "--vae_chunk_frames must be at least 1, got 0" in capsys.readouterr().err
     assert read_mp4(tmp_path / "fast.mp4")[0].shape == (FRAMES, HEIGHT, WIDTH, 3)

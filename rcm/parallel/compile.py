@@ -61,13 +61,16 @@ VAE_DECODER_RECIPES: dict[str, tuple[tuple[str, int, int], ...]] = {
     "taps96_cl3d": (("taps", 1, 96), ("channels_last_3d", 97, 384)),
     "stacked96_cl3d": (("stacked", 1, 96), ("channels_last_3d", 97, 384)),
 }
-DEFAULT_VAE_RECIPE = "taps96"
+# The fastest measured decode (81 frames at 480p, bf16, H100, docs/benchmarks.md): 1.64 s eager, 1.14 s compiled,
+# 0.91 s with the 96-channel convolutions as per-tap conv2d, 0.79 s with all of them so and 3 latent frames per
+# chunk (8.8 GiB peak instead of 5.4 for chunks of 1).
+DEFAULT_VAE_RECIPE = "taps_all"
+DEFAULT_VAE_CHUNK_FRAMES = 3
 
 
 def speed_up_vae_decoder(vae: nn.Module, backend: str = "inductor", recipe: str = DEFAULT_VAE_RECIPE) -> nn.Module:
     """The decoder's 3-frame convolutions in the forms of ``recipe`` (`VAE_DECODER_RECIPES`), then compiled.
-    The default is the fastest measured: 81 frames at 480p, bf16, H100: 1.64 s eager, 1.14 s compiled,
-    0.91 s with the 96-channel convolutions as per-tap 2-D convolutions (docs/benchmarks.md)."""
+    The default is the fastest measured (see `DEFAULT_VAE_RECIPE`); decode with `DEFAULT_VAE_CHUNK_FRAMES`."""
     if recipe not in VAE_DECODER_RECIPES:
         raise ValueError(f"speed_up_vae_decoder: unknown recipe {recipe!r}; choose from {', '.join(VAE_DECODER_RECIPES)}.")
     if not getattr(vae.decoder, "_rcm_compiled", False):  # a compiled forward has already traced its kernels
@@ -76,4 +79,4 @@ def speed_up_vae_decoder(vae: nn.Module, backend: str = "inductor", recipe: str 
     return compile_vae_decoder(vae, backend=backend)
 
 
-__all__ = ["DEFAULT_VAE_RECIPE", "VAE_DECODER_RECIPES", "apply_compile", "compile_vae_decoder", "speed_up_vae_decoder"]
+__all__ = ["DEFAULT_VAE_CHUNK_FRAMES", "DEFAULT_VAE_RECIPE", "VAE_DECODER_RECIPES", "apply_compile", "compile_vae_decoder", "speed_up_vae_decoder"]
