@@ -92,6 +92,9 @@ def main() -> None:
                         help="with --compile: eager, or a compiled decoder recipe of rcm.parallel.compile.VAE_DECODER_RECIPES "
                              f"(its convolutions in the forms of rcm.ops.frame_convs): {', '.join(VARIANTS)}; "
                              "NAME@K times it at K latent frames per chunk instead of --chunks")
+    parser.add_argument("--compile-mode", default=None, choices=["default", "max-autotune-no-cudagraphs"],
+                        help="with --compile: torch.compile's mode (max-autotune also tries Triton convolution templates; "
+                             "slow to compile)")
     parser.add_argument("--convs", action="store_true", help="time the largest convolutions alone")
     parser.add_argument("--best-to", metavar="FILE", help="with --compile: write the fastest compiled recipe and its chunk "
                                                           "size to FILE as 'RECIPE CHUNK_FRAMES' (for bench/generation.py)")
@@ -109,7 +112,8 @@ def main() -> None:
             torch._dynamo.reset()
             vae = WanVAE().to("cuda", torch.bfloat16).eval().requires_grad_(False)
             if variant != "eager":
-                speed_up_vae_decoder(vae, recipe=variant)  # what rcm.generate --compile_vae runs for its recipe
+                # what rcm.generate --compile_vae runs for its recipe
+                speed_up_vae_decoder(vae, recipe=variant, mode=args.compile_mode)
             for chunk_frames in chunk_sizes or args.chunks or [1]:
                 torch.cuda.reset_peak_memory_stats()
                 seconds = time_decode(vae, latent, args.repeats, chunk_frames)  # its warm-up compiles

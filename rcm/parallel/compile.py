@@ -34,18 +34,22 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> int:
     return compiled
 
 
-def compile_vae_decoder(vae: nn.Module, backend: str = "inductor") -> nn.Module:
+def compile_vae_decoder(vae: nn.Module, backend: str = "inductor", mode: str | None = None) -> nn.Module:
     """torch.compile the VAE decoder's per-chunk forward (``vae.decoder``), in place; returns ``vae``.
 
     The decode is dominated by 3×3×3 convolutions at full and half resolution whose inputs are first
     RMS-normalized, passed through SiLU and concatenated with the cached past frames: five or more eager
     passes over each activation per convolution. Compiled, that is one fused pass (the convolutions stay
     cuDNN calls). Dynamo traces the whole chunk, cache dictionary included, in one graph: one graph for the
-    first chunk (empty cache) and one for every later chunk.
+    first chunk (empty cache) and one for every later chunk. ``mode`` is torch.compile's (inductor only);
+    not "reduce-overhead": CUDA graphs would overwrite a chunk's output and cache with the next chunk's.
     """
+    if mode in ("reduce-overhead", "max-autotune"):
+        raise ValueError(f"compile_vae_decoder: mode {mode!r} would use CUDA graphs, which overwrite each chunk's output "
+                         "and cache with the next chunk's; use 'default' or 'max-autotune-no-cudagraphs'.")
     decoder = vae.decoder
     if not getattr(decoder, "_rcm_compiled", False):
-        decoder.forward = torch.compile(decoder.forward, backend=backend, dynamic=False)
+        decoder.forward = torch.compile(decoder.forward, backend=backend, dynamic=False, mode=mode)
         decoder._rcm_compiled = True
     return vae
 
@@ -68,7 +72,8 @@ DEFAULT_VAE_RECIPE = "taps_all"
 DEFAULT_VAE_CHUNK_FRAMES = 3
 
 
-def speed_up_vae_decoder(vae: nn.Module, backend: str = "inductor", recipe: str = DEFAULT_VAE_RECIPE) -> nn.Module:
+def speed_up_vae_decoder(vae: nn.Module, backend: str = "inductor", recipe: str = DEFAULT_VAE_RECIPE,
+                         mode: str | None = None) -> nn.Module:
     """The decoder's 3-frame convolutions in the forms of ``recipe`` (`VAE_DECODER_RECIPES`), then compiled.
     The default is the fastest measured (see `DEFAULT_VAE_RECIPE`); decode with `DEFAULT_VAE_CHUNK_FRAMES`."""
     if recipe not in VAE_DECODER_RECIPES:
@@ -76,7 +81,7 @@ def speed_up_vae_decoder(vae: nn.Module, backend: str = "inductor", recipe: str 
     if not getattr(vae.decoder, "_rcm_compiled", False):  # a compiled forward has already traced its kernels
         for form, min_channels, max_channels in VAE_DECODER_RECIPES[recipe]:
             use_frame_convs(vae.decoder, max_channels=max_channels, min_channels=min_channels, form=form)
-    return compile_vae_decoder(vae, backend=backend)
+    return compile_vae_decoder(vae, backend=backend, mode=mode)
 
 
 __all__ = ["DEFAULT_VAE_CHUNK_FRAMES", "DEFAULT_VAE_RECIPE", "VAE_DECODER_RECIPES", "apply_compile", "compile_vae_decoder", "speed_up_vae_decoder"]

@@ -87,3 +87,14 @@ def test_unknown_vae_decoder_recipe_is_refused():
 
     with pytest.raises(ValueError, match="unknown recipe 'fastest'; choose from compiled, taps96"):
         speed_up_vae_decoder(random_tiny_vae(), recipe="fastest")
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_vae_decoder_refuses_cuda_graph_modes(mode):
+    from rcm.parallel.compile import compile_vae_decoder
+    from tests.models.test_wan_vae import random_tiny_vae
+
+    vae = random_tiny_vae()
+    with pytest.raises(ValueError, match="CUDA graphs, which overwrite each chunk's output"):
+        compile_vae_decoder(vae, mode=mode)
+    assert not getattr(vae.decoder, "_rcm_compiled", False)
