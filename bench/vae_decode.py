@@ -1,9 +1,11 @@
 """Wan2.1 VAE decode of one 480p latent (16×21×60×104 → 81 frames 832×480) on one GPU: dtype, cuDNN
 autotuning and memory format, each in one run; with --chunks, bf16 decode by latent frames per chunk;
 with --compile, bf16 decoder variants (--variants: eager or a compiled recipe of
-rcm.parallel.compile.VAE_DECODER_RECIPES) at those chunk sizes, and --best-to FILE writes the fastest; with --convs, the TFLOP/s of the decoder's three largest convolutions alone.
+rcm.parallel.compile.VAE_DECODER_RECIPES, NAME@K for K latent frames per chunk) at those chunk sizes, and
+--best-to FILE writes the fastest; with --convs, the TFLOP/s of the decoder's three largest convolutions alone.
 
     python bench/vae_decode.py [--repeats 3] [--chunks 1 3 7 21] [--compile] [--convs]
+    python bench/vae_decode.py --compile --variants compiled taps96 taps_all@3 taps_all@7 --best-to best.txt
 
 Random weights (timing does not depend on them). Prints a table last.
 """
