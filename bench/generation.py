@@ -118,9 +118,11 @@ def bench_text(args, device: torch.device, t5_config: UMT5Config) -> dict:
             hidden = encoder(token_ids[:batch], mask[:batch])
         return hidden.masked_fill(mask[:batch, :, None] == 0, 0.0).float()
 
-    one, embeddings = timed(lambda: encode(1), device, args.repeats)
+    # Encoding takes tens of milliseconds, so the first runs of a fresh process (GPU clocks ramping up, cuBLAS
+    # choosing kernels) would weigh on it: 3 untimed runs each (session 14 saw 0.067 s for 1 prompt after one).
+    one, embeddings = timed(lambda: encode(1), device, args.repeats, warmup=3)
     log(f"text: 1 prompt {one:.3f} s")
-    two, embeddings = timed(lambda: encode(2), device, args.repeats)
+    two, embeddings = timed(lambda: encode(2), device, args.repeats, warmup=3)
     log(f"text: prompt + negative prompt {two:.3f} s; peak {peak_gib(device):.1f} GiB")
     return {"student": one, "teacher": two, "peak": peak_gib(device), "embeddings": embeddings}
 
