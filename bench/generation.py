@@ -189,7 +189,7 @@ def bench_vae(args, device: torch.device, vae_config: WanVAEConfig, latent: torc
                 module.reset_parameters()
 
     if args.vae_compile:  # the warm-up run below compiles
-        speed_up_vae_decoder(vae, recipe=args.vae_recipe)
+        speed_up_vae_decoder(vae, recipe=args.vae_recipe, mode=args.vae_compile_mode)
 
     def decode() -> torch.Tensor:
         with torch.no_grad():
@@ -220,6 +220,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vae-recipe", default=DEFAULT_VAE_RECIPE, choices=list(VAE_DECODER_RECIPES),
                         help="with --vae-compile: the forms of the decoder's convolutions "
                              "(rcm.parallel.compile.VAE_DECODER_RECIPES; default %(default)s, what rcm.generate --compile_vae runs)")
+    parser.add_argument("--vae-compile-mode", default=None, choices=["default", "max-autotune-no-cudagraphs"],
+                        help="with --vae-compile: torch.compile's mode (max-autotune also tries Triton convolution templates)")
     parser.add_argument("--vae-chunk-frames", type=int, default=1,
                         help="latent frames decoded per chunk (default: %(default)s, as Wan2.1; more is faster and larger)")
     parser.add_argument("--repeats", type=int, default=3,
