@@ -7,8 +7,10 @@ rCM student against the teacher's 50 Euler steps with classifier-free guidance, 
 
 Weights are random (timings do not depend on the values). Stages, each alone on the GPU (the model of the
 previous stage is freed first, as `rcm.generate --offload` does):
-  text encoding  umT5-XXL in bf16 on 512 padded tokens: the prompt for the student, the prompt and the
-                 negative prompt (one batch of 2) for the teacher; tokenization (CPU, ~1 ms) is left out;
+  text encoding  umT5-XXL in bf16, as `TextEncoder.encode` runs it: prompts of 120 tokens padded to 512, the
+                 encoder run over the 120 real positions only (`encode_token_ids`); the prompt for the student,
+                 the prompt and the negative prompt (one batch of 2) for the teacher; tokenization (CPU, ~1 ms)
+                 is left out;
   DiT            student: 4 steps of `sample_student`, one batch-1 forward each; teacher: `sample_teacher`
                  with `guided_denoise` (conditional and unconditional branch in one batch-2 forward per
                  step, guidance 5, shift 5 as Wan2.1), `--teacher-steps` steps;
@@ -33,6 +35,7 @@ from rcm.config import load_model_preset, model_presets
 from rcm.distill.sampler import sample_student, sample_teacher
 from rcm.distill.trigflow import denoise, guided_denoise
 from rcm.generate import DTYPES, RESOLUTIONS, free_memory, video_size
+from rcm.models.text_encoder import encode_token_ids
 from rcm.models.umt5 import UMT5Config, UMT5Encoder
 from rcm.models.wan_dit import build_wan_dit
 from rcm.models.wan_vae import WanVAE, WanVAEConfig
@@ -40,7 +43,7 @@ from rcm.parallel.compile import DEFAULT_VAE_RECIPE, VAE_DECODER_RECIPES, apply_
 
 GUIDANCE_SCALE = 5.0  # Wan2.1 T2V's sample_guide_scale; the value does not change the cost
 TEACHER_SHIFT = 5.0  # Wan2.1 T2V's sample_shift
-PROMPT_TOKENS = 120  # a typical prompt's length; umT5 runs on all 512 padded positions either way
+PROMPT_TOKENS = 120  # a typical prompt's length, used for the negative prompt too
 STARTED = time.perf_counter()
 
 # The smoke run's tiny models: the `tiny` DiT preset's widths, a 1-layer umT5 of its text_dim, a 4-channel VAE.
@@ -115,8 +118,7 @@ def bench_text(args, device: torch.device, t5_config: UMT5Config) -> dict:
 
     def encode(batch: int) -> torch.Tensor:
         with torch.no_grad():
-            hidden = encoder(token_ids[:batch], mask[:batch])
-        return hidden.masked_fill(mask[:batch, :, None] == 0, 0.0).float()
+            return encode_token_ids(encoder, token_ids[:batch], mask[:batch]).float()
 
     # Encoding takes tens of milliseconds, so the first runs of a fresh process (GPU clocks ramping up, cuBLAS
     # choosing kernels) would weigh on it: 3 untimed runs each (session 14 saw 0.067 s for 1 prompt after one).

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from rcm.models.umt5 import UMT5Config, UMT5Encoder, load_umt5_encoder
 
@@ -211,6 +212,20 @@ class UMT5Tokenizer:
 # encoder
 
 
+def encode_token_ids(encoder: UMT5Encoder, token_ids_BL: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
+    """The encoder's hidden states (B, L, dim), zero past each prompt's length, computed only over the first
+    ``max(lengths)`` positions.
+
+    Padding is masked as keys and the position bias depends only on distances, so a real token's state does
+    not depend on how much padding follows; Wan's pipeline then keeps only those states. Its encoder still
+    runs all 512 positions; here a 120-token prompt costs a quarter of that.
+    """
+    longest = max(int(mask_BL.sum(dim=1).max()), 1)
+    hidden = encoder(token_ids_BL[:, :longest], mask_BL[:, :longest])
+    hidden = hidden.masked_fill(mask_BL[:, :longest, None] == 0, 0.0)
+    return F.pad(hidden, (0, 0, 0, token_ids_BL.shape[1] - longest))
+
+
 class TextEncoder:
     """Prompts → umT5 embeddings as Wan2.1 makes them (its cleaning, tokenizer and encoder)."""
 
@@ -250,6 +265,4 @@ class TextEncoder:
         device = self.encoder.token_embedding.weight.device
         token_ids, mask = self.tokenizer.tokenize(prompts)
         token_ids, mask = token_ids.to(device), mask.to(device)
-        hidden = self.encoder(token_ids, mask)
-        embeddings = hidden.masked_fill(mask[:, :, None] == 0, 0.0)
-        return embeddings, mask.sum(dim=1)
+        return encode_token_ids(self.encoder, token_ids, mask), mask.sum(dim=1)

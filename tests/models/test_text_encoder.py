@@ -167,3 +167,20 @@ def test_from_files_checks_the_tokenizer_before_loading_weights(tmp_path):
     """A wrong tokenizer path fails at once, before the (11 GB in real life) checkpoint is touched."""
     with pytest.raises(FileNotFoundError, match="tokenizer"):
         TextEncoder.from_files(tmp_path / "does_not_exist.pth", tmp_path / "no_tokenizer")
+
+
+def test_encoding_skips_the_padding_columns_and_equals_the_full_length_encoding(tmp_path):
+    """encode runs the encoder only over the longest prompt's tokens; the result equals encoding all text_len
+    positions (Wan's way) and zeroing the padding, to float64 rounding."""
+    text_encoder, _ = tiny_text_encoder(tmp_path)
+    prompts = ["a cat runs", "dog"]
+    token_ids, mask = text_encoder.tokenizer.tokenize(prompts)
+    full = text_encoder.encoder(token_ids, mask).masked_fill(mask[:, :, None] == 0, 0.0)
+    lengths_seen = []
+    hook = text_encoder.encoder.register_forward_pre_hook(lambda module, args: lengths_seen.append(args[0].shape[1]))
+    embeddings, lengths = text_encoder.encode(prompts)
+    hook.remove()
+    assert lengths.tolist() == [4, 2] and lengths_seen == [4]  # 4 of TEXT_LEN = 8 positions
+    assert embeddings.shape == full.shape == (2, TEXT_LEN, TINY["dim"])
+    torch.testing.assert_close(embeddings, full, rtol=1e-12, atol=1e-12)
+    assert (embeddings[0] - full[0]).abs().max() < 1e-12 and (embeddings[:, 4:] == 0).all()
