@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     frames, height, width = vae["video_shape"][2:]
     print(f"\n{args.model}, {frames} frames {width}×{height}, one {name}; attention {model_fields['attention_backend']}, "
           f"DiT compile {'on' if args.dit_compile else 'off'}, DiT bf16{' (fp32 on CPU)' if args.smoke else ''}, "
-          f"VAE {args.vae_dtype}{' compiled' if args.vae_compile else ''}{f' ({args.vae_recipe})' if args.vae_compile else ''}; median of {args.repeats} (teacher DiT: 1 run)\n")
+          f"VAE {args.vae_dtype}{f' compiled ({args.vae_recipe})' if args.vae_compile else ''}; median of {args.repeats} (teacher DiT: 1 run)\n")
     student_label = f"student {args.student_steps}-step"
     teacher_label = f"teacher {args.teacher_steps}×CFG"
     print(f"| stage | {student_label} (s) | {teacher_label} (s) | peak memory {student_label} / teacher (GiB) |")

@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunks", type=int, nargs="*", help="only bf16: time these latent frames per chunk")
     parser.add_argument("--compile", action="store_true", help="bf16 decoder variants (--variants) at --chunks (default 1)")
-    parser.add_argument("--variants", nargs="+", default=VARIANTS, type=variant_and_chunks, metavar="VARIANT[@CHUNK]",
+    parser.add_argument("--variants", nargs="+", default=[(name, None) for name in VARIANTS], type=variant_and_chunks, metavar="VARIANT[@CHUNK]",
                         help="with --compile: eager, or a compiled decoder recipe of rcm.parallel.compile.VAE_DECODER_RECIPES "
                              f"(its convolutions in the forms of rcm.ops.frame_convs): {', '.join(VARIANTS)}; "
                              "NAME@K times it at K latent frames per chunk instead of --chunks")
@@ -107,8 +107,7 @@ def main() -> None:
         time_convs(args.repeats)
     if args.compile:
         rows = []
-        for item in args.variants:
-            variant, chunk_sizes = item if isinstance(item, tuple) else (item, None)
+        for variant, chunk_sizes in args.variants:
             # Each decoder is a new module: without a reset its guards pile up to Dynamo's recompile limit, after
             # which it silently runs eager (it did at the 5th variant).
             torch._dynamo.reset()

@@ -189,17 +189,19 @@ def validate_config(cfg: Any) -> None:
     if train.mixed_precision not in ("bf16", "none"):
         raise ConfigError(f"train.mixed_precision must be 'bf16' or 'none', got '{train.mixed_precision}'")
     _validate_checkpointing(train)
-    optim = cfg.get("optim") if OmegaConf.is_config(cfg) else getattr(cfg, "optim", None)
-    if optim is not None:
+    if (optim := _optional_section(cfg, "optim")) is not None:
         _validate_optim(optim)
-    launch = cfg.get("launch") if OmegaConf.is_config(cfg) else getattr(cfg, "launch", None)
-    if launch is not None:
+    if (launch := _optional_section(cfg, "launch")) is not None:
         _validate_launch(launch)
-    parallel = cfg.get("parallel") if OmegaConf.is_config(cfg) else getattr(cfg, "parallel", None)
-    if parallel is not None:
+    if (parallel := _optional_section(cfg, "parallel")) is not None:
         _validate_parallel(parallel, cfg.model, data.latent_shape, train.batch_size)
     for key in ("scm_time", "dmd_time", "flow_matching_time"):
         as_time_sampler_config(distill[key])
+
+
+def _optional_section(cfg: Any, name: str) -> Any:
+    """The config section ``name`` of an OmegaConf config or a plain object, None where it has none."""
+    return cfg.get(name) if OmegaConf.is_config(cfg) else getattr(cfg, name, None)
 
 
 def _validate_checkpointing(train: Any) -> None:

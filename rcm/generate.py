@@ -110,7 +110,6 @@ def load_student(model_cfg: Any, dit_path: Path, weights: str, device: torch.dev
     return network.eval().requires_grad_(False)
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options of rcm-generate."""
     default_device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -29,7 +29,6 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch
 __all__ = ["encode_prompt_to_file", "encoder_config_from_json", "main", "parse_args"]
 
 
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options of the negative-prompt encoder."""
     parser = argparse.ArgumentParser(
