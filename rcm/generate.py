@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--compile_vae", action="store_true",
                      help="torch.compile the VAE decoder, with its 3x3x3 convolutions as 2-D convolutions over frames, "
                           f"decoding {DEFAULT_VAE_CHUNK_FRAMES} latent frames per chunk (81 frames at 480p in bf16 on an "
-                          "H100: 1.64 -> 0.79 s, peak 4.4 -> 8.8 GiB; the first video compiles)")
+                          "H100: 1.64 -> 0.78 s, peak 4.4 -> 15.6 GiB; the first video compiles)")
     run.add_argument("--vae_chunk_frames", type=int, default=None, metavar="K",
                      help="latent frames the VAE decodes at a time: more is faster and takes more memory (default: "
                           f"{DEFAULT_VAE_CHUNK_FRAMES} with --compile_vae, else 1 as Wan2.1)")

@@ -268,7 +268,7 @@ def test_write_mp4_round_trips_frames_and_rejects_odd_sizes(tmp_path):
 
 
 def test_compile_vae_decodes_the_same_video(release, tmp_path, monkeypatch, capsys):
-    """--compile_vae runs the sped-up decoder (frame convolutions + torch.compile) on chunks of 3 latent frames, and
+    """--compile_vae runs the sped-up decoder (frame convolutions + torch.compile) on chunks of 7 latent frames, and
     --vae_chunk_frames sets the chunk: the video written equals the plain decode's up to float32 rounding.
     aot_eager stands in for inductor (CI has no C++ compiler); the default recipe reaches all of the tiny VAE's
     3-frame convolutions."""
@@ -302,7 +302,7 @@ def test_compile_vae_decodes_the_same_video(release, tmp_path, monkeypatch, caps
     assert generate.main(cli_args(release, tmp_path / "plain.mp4", *prompt)) == 0
     assert not calls and chunk_sizes == [1]  # Wan2.1's one latent frame at a time
     assert generate.main(cli_args(release, tmp_path / "fast.mp4", *prompt, "--compile_vae")) == 0
-    assert calls and calls[0] > 0 and chunk_sizes[-1] == 3  # the fastest measured chunk
+    assert calls and calls[0] > 0 and chunk_sizes[-1] == 7  # the fastest measured chunk at modest memory
     assert videos["fast.mp4"].shape == (3, FRAMES, HEIGHT, WIDTH)
     torch.testing.assert_close(videos["fast.mp4"], videos["plain.mp4"], rtol=0, atol=1e-5)
     assert generate.main(cli_args(release, tmp_path / "two.mp4", *prompt, "--vae_chunk_frames", "2")) == 0

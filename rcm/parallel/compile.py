@@ -66,10 +66,10 @@ VAE_DECODER_RECIPES: dict[str, tuple[tuple[str, int, int], ...]] = {
     "stacked96_cl3d": (("stacked", 1, 96), ("channels_last_3d", 97, 384)),
 }
 # The fastest measured decode (81 frames at 480p, bf16, H100, docs/benchmarks.md): 1.64 s eager, 1.14 s compiled,
-# 0.91 s with the 96-channel convolutions as per-tap conv2d, 0.79 s with all of them so and 3 latent frames per
-# chunk (8.8 GiB peak instead of 5.4 for chunks of 1).
+# 0.91 s with the 96-channel convolutions as per-tap conv2d, 0.78 s with all of them so and 7 latent frames per
+# chunk (15.6 GiB peak; 0.81 s at 3 frames and 8.8 GiB; 21 frames is no faster at 36.5 GiB).
 DEFAULT_VAE_RECIPE = "taps_all"
-DEFAULT_VAE_CHUNK_FRAMES = 3
+DEFAULT_VAE_CHUNK_FRAMES = 7
 
 
 def speed_up_vae_decoder(vae: nn.Module, backend: str = "inductor", recipe: str = DEFAULT_VAE_RECIPE,
