@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from rcm.distill.flops import BACKWARD, TANGENT, wan_dit_forward_flops
 from rcm.distill.jvp import velocity_and_tangent, velocity_tangent_two_pass
 from rcm.distill.scm import scm_loss
 from rcm.distill.trigflow import velocity
@@ -26,15 +27,6 @@ from rcm.parallel.activation_checkpointing import apply_activation_checkpointing
 from rcm.parallel.compile import apply_compile
 
 H100_BF16_DENSE_PEAK = 989e12
-
-
-def model_flops(config: WanDiTConfig, tokens: int, text_tokens: int) -> tuple[float, float]:
-    """(linear, attention) matmul FLOPs of one forward."""
-    dim, ffn = config.dim, config.ffn_dim
-    per_block_linear = tokens * (2 * 4 * dim * dim + 2 * 2 * dim * dim + 2 * 2 * dim * ffn) + text_tokens * 2 * 2 * dim * dim
-    per_block_attention = 4 * tokens * tokens * dim + 4 * tokens * text_tokens * dim
-    embed_head = tokens * 2 * 2 * 64 * dim
-    return config.num_layers * per_block_linear + embed_head, config.num_layers * per_block_attention
 
 
 def velocity_tangent_two_pass_explicit(network, x_t, t, x_dot, t_dot, context):
@@ -130,8 +122,8 @@ def main() -> None:
     tangent_error = ((fused_tangent - reference_tangent).norm() / reference_tangent.norm()).item()
     del fused_tangent, reference_tangent
 
-    linear, attention_flops = model_flops(config, tokens, 512)
-    step_flops = linear * (2 + 2) + attention_flops * (3 + 2.5)  # forward with tangent + backward
+    forward = wan_dit_forward_flops(config, tokens, 512)
+    step_flops = forward.linear * (1 + TANGENT.linear + BACKWARD.linear) + forward.attention * (1 + TANGENT.attention + BACKWARD.attention)
     rows = []
     for build, network in builds:
         fused = run_variant(network, inputs, velocity_and_tangent, args.iters)

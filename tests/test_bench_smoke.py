@@ -31,11 +31,14 @@ def test_async_save_benchmark_smoke_reports_both_saves(tmp_path):
     assert '"sync"' in result.stdout and '"stall_ratio_thread_steady"' in result.stdout
 
 
-def test_parallel_step_benchmark_smoke_with_context_parallelism():
+def test_parallel_step_benchmark_smoke_with_context_parallelism(tmp_path):
+    """Also the whole train state's DCP save and resume: the resume must bring back the changed weights."""
     result = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "bench/parallel_step.py",
-                  "--smoke", "--cp", "2"])
+                  "--smoke", "--cp", "2", "--dcp-dir", str(tmp_path / "ckpt")])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| 2 | 1 × 1 × 2 |" in result.stdout
+    assert "weights restored: True" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["iter_000000001"]
 
 
 def test_vae_decode_benchmark_refuses_an_unknown_variant():
