@@ -52,6 +52,13 @@ def apply_fsdp(
                 module.set_force_sum_reduction_for_comms(True)
 
 
+def store_parameters_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast ``model``'s floating-point parameters to ``dtype`` in place; buffers (RoPE tables) keep theirs."""
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            parameter.data = parameter.data.to(dtype)
+
+
 def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
     """The FSDP-sharded modules of ``model`` (empty if it is not sharded)."""
     return [module for module in model.modules() if isinstance(module, FSDPModule)]
@@ -67,4 +74,4 @@ def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
         model.set_requires_gradient_sync(enabled, recurse=True)
 
 
-__all__ = ["DTYPES", "mixed_precision_policy", "apply_fsdp", "fsdp_modules", "set_gradient_sync"]
+__all__ = ["DTYPES", "apply_fsdp", "fsdp_modules", "mixed_precision_policy", "set_gradient_sync", "store_parameters_in"]

@@ -1,0 +1,63 @@
+"""The frozen teacher's shards are stored in the dtype FSDP gathers them in (bf16 on CUDA): the same forward
+for half the memory. On CPU (one gloo rank) with a bf16 policy forced, against a teacher sharded in float32."""
+from __future__ import annotations
+
+import copy
+import socket
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy
+
+from rcm.parallel import parallelize as parallelize_module
+from rcm.parallel.fsdp import apply_fsdp
+from rcm.parallel.mesh import ParallelDims, ParallelMesh
+from tests.helpers import LATENT_SHAPE, TINY, tiny_dit
+
+BF16_POLICY = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+CONFIG = SimpleNamespace(compile=False, activation_checkpointing_every=1, param_dtype="bfloat16",
+                         reduce_dtype="float32", reshard_after_forward=True)
+
+
+@pytest.fixture
+def one_rank_mesh():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        world = init_device_mesh("cpu", (1,), mesh_dim_names=("world",))
+        yield ParallelMesh(dims=ParallelDims(), data=world._unflatten(0, (1, 1), ("dp", "cp")), fsdp=world)
+    finally:
+        dist.destroy_process_group()
+
+
+def local_bytes(model: torch.nn.Module) -> int:
+    return sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+
+
+def test_frozen_teacher_is_stored_in_the_gathered_dtype(one_rank_mesh, monkeypatch):
+    monkeypatch.setattr(parallelize_module, "mixed_precision_policy", lambda *args: BF16_POLICY)
+    reference = tiny_dit(0, dtype=torch.float32).requires_grad_(False)
+    teacher, student = copy.deepcopy(reference), copy.deepcopy(reference).requires_grad_(True)
+    buffers = {name: b.dtype for name, b in reference.named_buffers()}
+    apply_fsdp(reference, one_rank_mesh.fsdp, BF16_POLICY)  # float32 shards, gathered in bf16
+    parallelize_module.parallelize_wan_dit(teacher, one_rank_mesh, CONFIG, frozen=True)
+    parallelize_module.parallelize_wan_dit(student, one_rank_mesh, CONFIG)
+
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in student.parameters()} == {torch.float32}  # trained networks keep fp32 masters
+    assert {name: b.dtype for name, b in teacher.named_buffers()} == buffers
+    assert 2 * local_bytes(teacher) == local_bytes(reference)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *LATENT_SHAPE, generator=g)
+    t = torch.rand(2, generator=g)
+    context = torch.randn(2, TINY["text_len"], TINY["text_dim"], generator=g)
+    with torch.no_grad():
+        expected, out = reference(x, t, context), teacher(x, t, context)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
