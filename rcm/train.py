@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from rcm.checkpoint.manager import CheckpointManager, checkpoint_entries, iteration_of
 from rcm.checkpoint.resharding import rank_state_for_new_world
-from rcm.checkpoint.weights import load_model_weights, resolve_checkpoint
+from rcm.checkpoint.weights import copy_weights, load_model_weights, resolve_checkpoint
 from rcm.config import validate_config
 from rcm.data.shards import ShardLoader
 from rcm.distill.distiller import STUDENT, Distiller, uses_fake_score
@@ -54,10 +54,11 @@ from rcm.parallel.distributed import (
 log = logging.getLogger("rcm.train")
 
 
-def build_network(model_cfg: Any) -> WanDiT:
-    """The DiT described by the ``model`` config node."""
+def build_network(model_cfg: Any, device: str | torch.device | None = None) -> WanDiT:
+    """The DiT described by the ``model`` config node, built on ``device`` (default: the current default)."""
     fields = OmegaConf.to_container(model_cfg, resolve=True) if OmegaConf.is_config(model_cfg) else dict(model_cfg)
-    return WanDiT(WanDiTConfig(**fields))
+    with contextlib.nullcontext() if device is None else torch.device(device):
+        return WanDiT(WanDiTConfig(**fields))
 
 
 def load_negative_embedding(path: str | None, device: torch.device) -> torch.Tensor | None:
@@ -84,22 +85,26 @@ class Trainer:
             (Path(cfg.run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         distill, optim = cfg.distill, cfg.optim
         torch.manual_seed(cfg.train.seed)  # identical initialization on every rank
-        self.student = build_network(cfg.model).to(device)
+        distilling = distill.method != "flow_matching"
+        # Distillation starts every network from the teacher's weights, so none is initialized: all are built on
+        # the meta device (no memory), sharded, and only then given memory and weights, each rank its own part.
+        # Three full 14B networks per rank would not fit (docs/benchmarks.md).
+        self.student = build_network(cfg.model, device="meta") if distilling else build_network(cfg.model).to(device)
         self.teacher = self.fake_score = None
-        if distill.method != "flow_matching":
-            source = load_model_weights(self.student, distill.teacher_checkpoint, prefer="ema")
-            log.info("teacher weights from %s (%s)", distill.teacher_checkpoint, source)
+        if distilling:
             self.teacher = copy.deepcopy(self.student).requires_grad_(False).eval()
             if uses_fake_score(distill.method, distill.loss_scale_dmd):
                 self.fake_score = copy.deepcopy(self.student)
-        # Sharding comes after every network exists in full (a sharded module cannot be deep-copied) and
-        # before optimizers and EMA (they must hold the sharded parameters).
+        # Sharding comes after every network exists (a sharded module cannot be deep-copied) and before
+        # optimizers and EMA (they must hold the sharded parameters).
         self.mesh = build_device_mesh(cfg.parallel, info.world_size, device.type, cfg.model.num_heads)
         for network in (self.student, self.fake_score):
             if network is not None:
                 parallelize_wan_dit(network, self.mesh, cfg.parallel)
         if self.teacher is not None:
             parallelize_wan_dit(self.teacher, self.mesh, cfg.parallel, frozen=True)
+        if distilling:
+            self._start_from_teacher(distill.teacher_checkpoint, device)
         # Ranks of one context-parallel group must draw the same batch, noise and times.
         data_rank, data_world = data_parallel_rank(self.mesh), mesh_dims(self.mesh).data_parallel_size
         betas = tuple(optim.betas)
@@ -135,6 +140,17 @@ class Trainer:
     def networks(self) -> dict[str, torch.nn.Module]:
         """The trainable networks by role."""
         return {STUDENT: self.student, **({"fake_score": self.fake_score} if self.fake_score is not None else {})}
+
+    def _start_from_teacher(self, checkpoint: str, device: torch.device) -> None:
+        """Give the (meta, sharded) networks memory on ``device`` and the teacher's weights: read once into the
+        student, then copied shard by shard into the fake score and the teacher."""
+        self.student.to_empty(device=device)
+        source = load_model_weights(self.student, checkpoint, prefer="ema")
+        log.info("teacher weights from %s (%s)", checkpoint, source)
+        for network in (self.fake_score, self.teacher):
+            if network is not None:
+                network.to_empty(device=device)
+                copy_weights(self.student, network)
 
     # -- checkpointing --
     def checkpoint_state(self) -> dict[str, Any]:

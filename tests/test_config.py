@@ -28,3 +28,22 @@ def test_config_from_json_rejects_unknown_fields():
     assert config_from_json(UMT5Config, {"dim": 8, "dim_attn": 8, "dim_ffn": 8, "num_heads": 2}, "--x").dim == 8
     with pytest.raises(ValueError, match="--t5_config must be a JSON object"):
         config_from_json(UMT5Config, {"width": 8}, "--t5_config")
+
+
+@pytest.mark.parametrize("experiment,preset,world_size,mesh", [
+    ("wan1.3b_rcm", "wan2.1-t2v-1.3B", 8, (1, 8, 1)),
+    ("wan14b_rcm", "wan2.1-t2v-14B", 8, (1, 2, 4)),
+    ("wan14b_rcm", "wan2.1-t2v-14B", 16, (1, 4, 4)),
+])
+def test_wan_experiments_compose_and_mesh(experiment, preset, world_size, mesh):
+    """The Wan experiments compose with their required paths given, validate, and resolve to the intended mesh
+    (dp_replicate, dp_shard, cp) on a node or two of 8 GPUs."""
+    from rcm.config import load_config
+    from rcm.parallel.mesh import resolve_parallel_dims
+
+    cfg = load_config([f"experiment={experiment}", "distill.teacher_checkpoint=teacher.pth", "data.shards=d/",
+                       "data.negative_embedding=n.pt"])
+    assert dict(cfg.model) == {**dict(load_model_preset(preset)), "attention_backend": "triton"}
+    assert (cfg.distill.method, cfg.optim.lr, cfg.optim.lr_fake_score) == ("rcm", 2.0e-6, 4.0e-7)
+    dims = resolve_parallel_dims(cfg.parallel, world_size)
+    assert (dims.dp_replicate, dims.dp_shard, dims.cp) == mesh

@@ -60,6 +60,35 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(toy_setup, tmp_path):
     assert resumed.optimizers["fake_score"].state, "the fake score never stepped"
 
 
+def test_distillation_starts_from_the_teacher_without_initializing_a_network(toy_setup, tmp_path, monkeypatch):
+    """Student, fake score and teacher are built on the meta device and get their memory and the teacher's weights
+    only after sharding (a 14B run cannot hold three full networks per rank): no initialization ever runs on real
+    memory, and all three hold exactly the checkpoint's values (the release's Linear patch embedding included)."""
+    from rcm.models.wan_dit import WanDiT
+
+    initialized_on = []
+    real_init = WanDiT.init_weights
+
+    def init_weights(self):
+        initialized_on.append({p.device.type for p in self.parameters()})
+        real_init(self)
+
+    monkeypatch.setattr(WanDiT, "init_weights", init_weights)
+    state = torch.load(toy_setup / "teacher.pth", weights_only=True)
+    release = dict(state)
+    release["patch_embedding.weight"] = state["patch_embedding.weight"].flatten(1).clone()
+    torch.save(release, tmp_path / "release.pth")
+    trainer = Trainer(rcm_config(toy_setup, tmp_path / "run", 1, [f"distill.teacher_checkpoint={tmp_path / 'release.pth'}"]),
+                      torch.device("cpu"), DistributedInfo())
+    assert initialized_on == [{"meta"}]
+    for role, network in (("student", trainer.student), ("fake score", trainer.fake_score), ("teacher", trainer.teacher)):
+        loaded = network.state_dict()
+        assert loaded.keys() == state.keys(), role
+        different = [k for k in state if not torch.equal(loaded[k], state[k])]
+        assert not different, f"{role} differs from the teacher checkpoint: {different[:3]}"
+    assert not any(p.requires_grad for p in trainer.teacher.parameters())
+
+
 def test_interrupted_save_is_not_taken_as_latest(toy_setup, tmp_path):
     run_dir = tmp_path / "run"
     Trainer(rcm_config(toy_setup, run_dir, 3), torch.device("cpu"), DistributedInfo()).run()

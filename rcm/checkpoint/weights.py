@@ -8,6 +8,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from rcm.checkpoint.manager import CheckpointManager, is_complete
 from rcm.checkpoint.verify import read_metadata
@@ -102,7 +103,34 @@ def raise_on_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.
 
 
 def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict(strict=True)`` with an error that lists what is missing and unexpected."""
+    """``load_state_dict(strict=True)`` with an error that lists what is missing and unexpected.
+
+    ``model`` may be sharded (FSDP2, DTensor parameters): each rank then keeps its own slice of every full tensor,
+    one tensor at a time, so a memory-mapped file is never held in full. A model's ``adapt_state_dict`` (if it
+    has one) first turns other published layouts into its own.
+    """
+    if hasattr(model, "adapt_state_dict"):
+        state = model.adapt_state_dict(dict(state))
     expected = model.state_dict()
     raise_on_mismatch(expected, state, source)
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+    if not any(isinstance(value, DTensor) for value in expected.values()):
+        model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+        return
+    with torch.no_grad():
+        for name, target in expected.items():  # the state dict's DTensors share the parameters' storage
+            value = state[name].to(device=target.device, dtype=target.dtype)
+            if isinstance(target, DTensor):  # every rank holds the full tensor: slice it, no communication
+                value = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
+            target.copy_(value)
+
+
+def copy_weights(source: nn.Module, target: nn.Module) -> None:
+    """Copy ``source``'s parameters into ``target``'s: the same architecture, sharded alike (or both not at all);
+    values are cast to ``target``'s dtypes. Each rank copies only its own shards."""
+    pairs = list(zip(source.named_parameters(), target.named_parameters(), strict=True))
+    with torch.no_grad():
+        for (name, value), (target_name, parameter) in pairs:
+            if name != target_name or value.shape != parameter.shape:
+                raise ValueError(f"copy_weights: {name} {tuple(value.shape)} does not match {target_name} "
+                                 f"{tuple(parameter.shape)}")
+            parameter.copy_(value)

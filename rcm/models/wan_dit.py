@@ -402,14 +402,18 @@ class WanDiT(nn.Module):
         nn.init.normal_(self.head.modulation, std=self.config.dim**-0.5)
         nn.init.zeros_(self.head.head.weight)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The rCM release stores the patch embedding as a Linear over patches flattened in
-        # (channel, kt, kh, kw) order, weight [dim, C·kt·kh·kw]; the official Wan2.1 files as a Conv3d.
+    def adapt_state_dict(self, state_dict: dict, prefix: str = "") -> dict:
+        """``state_dict`` with the rCM release's layout turned into ours (in place; returned). The release stores
+        the patch embedding as a Linear over patches flattened in (channel, kt, kh, kw) order, weight
+        [dim, C·kt·kh·kw]; the official Wan2.1 files as a Conv3d."""
         key = prefix + "patch_embedding.weight"
         weight = state_dict.get(key)
         if weight is not None and weight.dim() == 2 and weight.numel() == self.patch_embedding.weight.numel():
             state_dict[key] = weight.reshape(self.patch_embedding.weight.shape)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        return state_dict
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(self.adapt_state_dict(state_dict, prefix), prefix, *args, **kwargs)
 
     def num_parameters(self) -> int:
         """Number of parameter elements."""

@@ -193,7 +193,11 @@ def _start_saving_every_iteration(toy_setup, tmp_path, name) -> tuple[str, Path,
 
 
 def _half_written(run_dir: Path) -> list[Path]:
-    return [p for p in (run_dir / "checkpoints").glob("iter_*") if not is_complete(p)]
+    """Checkpoints being written: incomplete and newer than every complete one. An older incomplete one is being
+    pruned (its marker goes first), which a SIGKILL test must not take for the save in flight."""
+    found = sorted((run_dir / "checkpoints").glob("iter_*"))
+    complete = [p for p in found if is_complete(p)]
+    return [p for p in found if not is_complete(p) and (not complete or p.name > complete[-1].name)]
 
 
 def test_scancel_during_a_save_leaves_a_loadable_checkpoint(toy_setup, tmp_path, job_name):

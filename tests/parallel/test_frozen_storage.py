@@ -24,15 +24,20 @@ CONFIG = SimpleNamespace(compile=False, activation_checkpointing_every=1, param_
 
 @pytest.fixture
 def one_rank_mesh():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    """A one-rank gloo mesh; an earlier test of this process may have left its one-rank default group."""
+    own = not dist.is_initialized()
+    if own:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    assert dist.get_world_size() == 1
     try:
         world = init_device_mesh("cpu", (1,), mesh_dim_names=("world",))
         yield ParallelMesh(dims=ParallelDims(), data=world._unflatten(0, (1, 1), ("dp", "cp")), fsdp=world)
     finally:
-        dist.destroy_process_group()
+        if own:
+            dist.destroy_process_group()
 
 
 def local_bytes(model: torch.nn.Module) -> int:
