@@ -103,9 +103,7 @@ def load_student(model_cfg: Any, dit_path: Path, weights: str, device: torch.dev
 
     # Built on the meta device and allocated in place: no float32 copy and no random initialization
     # (minutes on a CPU for 14B); every tensor of WanDiT is a parameter the strict load then fills.
-    with torch.device("meta"):
-        network = build_network(model_cfg)
-    network = network.to(dtype).to_empty(device=device)
+    network = build_network(model_cfg, device="meta").to(dtype).to_empty(device=device)
     load_model_weights(network, dit_path, prefer=weights)
     return network.eval().requires_grad_(False)
 

@@ -71,9 +71,11 @@ class NetworkSource:
         """The network with its EMA (or raw student) weights, in eval mode, without gradients."""
         from rcm.train import build_network
 
-        network = build_network(self.model_cfg)
+        # Built on the meta device and allocated in place: no random initialization (minutes for 14B on a CPU),
+        # which the strict load would overwrite anyway.
+        network = build_network(self.model_cfg, device="meta").to_empty(device=device)
         load_model_weights(network, self.path, prefer=weights)
-        return network.to(device).eval().requires_grad_(False)
+        return network.eval().requires_grad_(False)
 
 
 def load_network(run_dir: str | Path, weights: str = "ema", device: str = "cpu") -> tuple[torch.nn.Module, Any]:
