@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("student")
     model.add_argument("--dit_path", required=True,
-                       help="student weights: a .pth/.pt file (e.g. rCM_Wan2.1_T2V_1.3B_480p.pt), a DCP checkpoint "
+                       help="student weights: a .pth/.pt file (e.g. rCM_Wan2.1_T2V_1.3B_480p.pt), .safetensors (a file or a "
+                            "directory of shards), a DCP checkpoint "
                             "or a training run directory")
     model.add_argument("--model", default=None,
                        help=f"model preset, one of {', '.join(model_presets())} (configs/model/NAME.yaml); "

@@ -214,7 +214,7 @@ class Trainer:
     def _load_weights(self, path: Path) -> None:
         """Only the networks and EMA from ``path`` (fine-tuning, a new phase): optimizers and counters start fresh."""
         source = load_model_weights(self.student, path, prefer="student")
-        entries = checkpoint_entries(path) if path.is_dir() else set()
+        entries = checkpoint_entries(path) if (path / ".metadata").is_file() else set()  # DCP, not .pth/.safetensors
         if "ema" in entries:
             self.checkpoints.load_entries(path, {"ema": self.ema.state_dict()})
         else:  # no EMA saved: it starts at the loaded weights, as it does at initialization

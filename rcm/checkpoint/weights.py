@@ -1,7 +1,9 @@
-"""Loading network weights alone (teacher, evaluation, fine-tuning) from a `.pth` file, a DCP
-checkpoint or a run directory."""
+"""Loading network weights alone (teacher, evaluation, fine-tuning) from a `.pth` file, `.safetensors` (one file
+or a directory of shards, as the official Wan2.1 DiT is published), a DCP checkpoint or a run directory."""
 from __future__ import annotations
 
+import json
+from collections.abc import MutableMapping
 from pathlib import Path
 
 import torch
@@ -22,7 +24,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
-    if path.is_dir() and not is_complete(path) and not (path / ".metadata").exists():
+    if path.is_dir() and not is_complete(path) and not (path / ".metadata").exists() and not safetensors_files(path):
         latest = CheckpointManager(path / "checkpoints").latest()
         if latest is None:
             raise FileNotFoundError(f"{path} holds no complete checkpoint (looked in {path / 'checkpoints'})")
@@ -33,12 +35,66 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_model_weights(model: nn.Module, path: str | Path, prefer: str = "ema") -> str:
     """Load weights into ``model`` (strict); returns which entry was used ('ema', 'student' or 'pth')."""
     path = resolve_checkpoint(path)
+    if path.suffix == ".safetensors" or (path.is_dir() and safetensors_files(path)):
+        load_state_dict_strict(model, SafetensorsState(path), source=str(path))
+        return "safetensors"
     if path.is_dir():
         return _load_from_dcp(model, path, prefer)
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     state = unwrap_state_dict(state, prefer_ema=prefer == "ema")
     load_state_dict_strict(model, state, source=str(path))
     return "pth"
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The ``*.safetensors`` files of a directory (the Hugging Face layout of the official Wan2.1 DiT: one file
+    for 1.3B, six shards with an index for 14B); only those the index names when there is one."""
+    index = sorted(path.glob("*.safetensors.index.json"))
+    if index:
+        names = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
+        return [path / name for name in names]
+    return sorted(path.glob("*.safetensors"))
+
+
+class SafetensorsState(MutableMapping):
+    """The tensors of a ``.safetensors`` file or a directory of shards, each read when it is looked up (shapes
+    from the headers), so a sharded model's load holds one full tensor at a time. Assigned keys override the
+    files (a layout adaptation)."""
+
+    def __init__(self, path: Path):
+        try:
+            from safetensors import safe_open
+        except ImportError as error:
+            raise ImportError(f"reading {path} needs the safetensors package (pip install safetensors)") from error
+        files = [path] if path.is_file() else safetensors_files(path)
+        self._where = {}
+        for file in files:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+            for name in handle.keys():
+                self._where[name] = handle
+        self._overrides: dict[str, torch.Tensor] = {}
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        if name in self._overrides:
+            return tuple(self._overrides[name].shape)
+        return tuple(self._where[name].get_slice(name).get_shape())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self._overrides:
+            return self._overrides[name]
+        return self._where[name].get_tensor(name)
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        self._overrides[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        raise TypeError("SafetensorsState: keys cannot be deleted")
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 def _load_from_dcp(model: nn.Module, path: Path, prefer: str) -> str:
@@ -85,9 +141,10 @@ def unwrap_state_dict(state: dict, prefer_ema: bool = True, extra_prefixes: tupl
 
 def raise_on_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
     """Raise ValueError listing the missing, unexpected and wrongly-shaped keys of ``state`` (if any)."""
+    shape_of = getattr(state, "shape_of", lambda k: tuple(state[k].shape))  # a lazy state reads headers only
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    wrong_shape = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != shape_of(k))
     if missing or unexpected or wrong_shape:
         parts = []
         if missing:
@@ -97,7 +154,7 @@ def raise_on_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.
         if wrong_shape:
             parts.append(
                 "wrong shapes: "
-                + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong_shape[:5])
+                + ", ".join(f"{k} {shape_of(k)} vs {tuple(expected[k].shape)}" for k in wrong_shape[:5])
             )
         raise ValueError(f"{source} does not match the model: " + "; ".join(parts))
 
@@ -109,8 +166,8 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
     one tensor at a time, so a memory-mapped file is never held in full. A model's ``adapt_state_dict`` (if it
     has one) first turns other published layouts into its own.
     """
-    if hasattr(model, "adapt_state_dict"):
-        state = model.adapt_state_dict(dict(state))
+    if hasattr(model, "adapt_state_dict"):  # on a copy of the dict; a lazy state keeps its changes aside
+        state = model.adapt_state_dict(state if isinstance(state, SafetensorsState) else dict(state))
     expected = model.state_dict()
     raise_on_mismatch(expected, state, source)
     if not any(isinstance(value, DTensor) for value in expected.values()):

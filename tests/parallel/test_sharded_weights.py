@@ -1,5 +1,6 @@
-"""The frozen teacher's shards are stored in the dtype FSDP gathers them in (bf16 on CUDA): the same forward
-for half the memory. On CPU (one gloo rank) with a bf16 policy forced, against a teacher sharded in float32."""
+"""Weights of FSDP2-sharded networks on CPU (one gloo rank): the frozen teacher's shards are stored in the dtype
+FSDP gathers them in (bf16 on CUDA; here a bf16 policy forced), the same forward for half the memory; and a
+sharded network loads a checkpoint tensor by tensor, each rank keeping its slice."""
 from __future__ import annotations
 
 import copy
@@ -13,6 +14,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from rcm.parallel import parallelize as parallelize_module
+from rcm.checkpoint.weights import copy_weights, load_model_weights
 from rcm.parallel.fsdp import apply_fsdp
 from rcm.parallel.mesh import ParallelDims, ParallelMesh
 from tests.helpers import LATENT_SHAPE, TINY, tiny_dit
@@ -66,3 +68,30 @@ def test_frozen_teacher_is_stored_in_the_gathered_dtype(one_rank_mesh, monkeypat
         expected, out = reference(x, t, context), teacher(x, t, context)
     assert expected.abs().max() > 0
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["pth", "safetensors"])
+def test_sharded_network_loads_a_checkpoint_and_copies_it_shard_to_shard(one_rank_mesh, tmp_path, layout):
+    """load_model_weights into DTensor parameters (no full load_state_dict), then copy_weights into another
+    sharded network in bf16: every full tensor equals the checkpoint's."""
+    state = {k: v.float().contiguous() for k, v in tiny_dit(4).state_dict().items()}
+    if layout == "pth":
+        torch.save(state, tmp_path / "teacher.pth")
+        path = tmp_path / "teacher.pth"
+    else:
+        safetensors_torch = pytest.importorskip("safetensors.torch")
+        safetensors_torch.save_file(state, tmp_path / "teacher.safetensors")
+        path = tmp_path / "teacher.safetensors"
+    with torch.device("meta"):
+        student = tiny_dit(5, dtype=torch.float32)
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    for network in (student, teacher):
+        apply_fsdp(network, one_rank_mesh.fsdp, MixedPrecisionPolicy(cast_forward_inputs=False))
+        network.to_empty(device="cpu")
+    teacher.to(torch.bfloat16)
+    load_model_weights(student, path)
+    copy_weights(student, teacher)
+    for network, dtype in ((student, torch.float32), (teacher, torch.bfloat16)):
+        for name, parameter in network.named_parameters():
+            assert parameter.to_local().dtype == dtype
+            assert torch.equal(parameter.full_tensor(), state[name].to(dtype)), name
