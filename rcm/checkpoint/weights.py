@@ -162,19 +162,16 @@ def raise_on_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.
 def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """``load_state_dict(strict=True)`` with an error that lists what is missing and unexpected.
 
-    ``model`` may be sharded (FSDP2, DTensor parameters): each rank then keeps its own slice of every full tensor,
-    one tensor at a time, so a memory-mapped file is never held in full. A model's ``adapt_state_dict`` (if it
+    Copies one tensor at a time (cast to the model's dtype), so a memory-mapped or lazily read file is never held
+    in full. ``model`` may be sharded (FSDP2, DTensor parameters): each rank then keeps its own slice. A model's ``adapt_state_dict`` (if it
     has one) first turns other published layouts into its own.
     """
     if hasattr(model, "adapt_state_dict"):  # on a copy of the dict; a lazy state keeps its changes aside
         state = model.adapt_state_dict(state if isinstance(state, SafetensorsState) else dict(state))
     expected = model.state_dict()
     raise_on_mismatch(expected, state, source)
-    if not any(isinstance(value, DTensor) for value in expected.values()):
-        model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
-        return
     with torch.no_grad():
-        for name, target in expected.items():  # the state dict's DTensors share the parameters' storage
+        for name, target in expected.items():  # state-dict entries share the parameters' storage (DTensors too)
             value = state[name].to(device=target.device, dtype=target.dtype)
             if isinstance(target, DTensor):  # every rank holds the full tensor: slice it, no communication
                 value = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
