@@ -37,7 +37,7 @@ from tqdm import tqdm
 from rcm.data.toy import ToyMixture
 from rcm.eval.cli import HelpFormatter, run_on_every_rank
 from rcm.eval.metrics_plugins import parse_metric_spec, registered_metrics
-from rcm.eval.networks import NetworkSource, load_network, load_run_config
+from rcm.eval.networks import DTYPES, NetworkSource, dtype_name, load_network, load_run_config, network_dtype
 from rcm.eval.prompts import TOY_PROMPTS, Prompt, resolve_prompt_inputs
 from rcm.eval.report import markdown_table, prompt_rows, summarize, summary_rows
 from rcm.eval.sampling import STUDENT, TEACHER, SamplerSetting, sample_prompt
@@ -129,6 +129,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       "default: the world size")
     work.add_argument("--gather-only", action="store_true", help="generate nothing: compute the report from the prompt files")
     work.add_argument("--device", default="auto", help="'auto' (this rank's GPU if any, else CPU), 'cpu' or 'cuda'")
+    work.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                      help="the networks' dtype (default: bfloat16 on CUDA, float32 on CPU); part of what a prompt "
+                           "file records")
     args = parser.parse_args(argv)
     try:
         args.metric_specs = [parse_metric_spec(text) for text in args.metric]
@@ -215,6 +218,7 @@ def generation_record(plan: EvaluationPlan, args: argparse.Namespace, prompt: Pr
         "settings": [setting.describe() for setting in plan.settings],
         "samples_per_prompt": args.samples_per_prompt,
         "seed": args.seed,
+        "dtype": args.dtype,
         "latent_shape": list(plan.latent_shape),
         "prompt_index": prompt.index,
         "prompt": prompt.text,
@@ -254,9 +258,10 @@ def generate_prompt_files(plan: EvaluationPlan, args: argparse.Namespace, shard:
             skipped += 1
             continue
         if not networks:  # loaded on first need: a fully resumed shard never reads a checkpoint
-            networks[STUDENT] = plan.source.load(args.weights, device)
+            dtype = DTYPES[args.dtype]
+            networks[STUDENT] = plan.source.load(args.weights, device, dtype)
             if plan.reference is not None:
-                networks[TEACHER] = plan.reference.load("ema", device)
+                networks[TEACHER] = plan.reference.load("ema", device, dtype)
         samples = {}
         for setting in plan.settings:
             network = networks[TEACHER] if setting.name == plan.reference_setting else networks[STUDENT]
@@ -291,6 +296,7 @@ def write_report(plan: EvaluationPlan, args: argparse.Namespace, records: list[d
 
 def evaluate(args: argparse.Namespace, info: DistributedInfo, device: torch.device) -> int:
     """Generate this process's share, wait for the others, then (rank 0) gather and report."""
+    args.dtype = dtype_name(network_dtype(args.dtype, device))  # resolved here: prompt files record it
     plan = plan_evaluation(args)
     shard = resolve_work_shard(info, args.shard_index, args.num_shards)
     if not args.gather_only:

@@ -35,7 +35,7 @@ from rcm.checkpoint.weights import load_model_weights
 from rcm.config import config_from_json, json_argument, load_model_preset, model_presets
 from rcm.distill.sampler import sample_student, student_time_grid
 from rcm.distill.trigflow import denoise
-from rcm.eval.networks import is_run_directory, load_run_config
+from rcm.eval.networks import DTYPES, is_run_directory, load_run_config, network_dtype
 from rcm.models.text_encoder import TOKENIZER_FILE, TextEncoder, resolve_tokenizer_file
 from rcm.models.umt5 import OFFICIAL_CHECKPOINT_NAME as UMT5_CHECKPOINT_NAME
 from rcm.models.umt5 import UMT5Config
@@ -46,7 +46,6 @@ from rcm.video import require_video_writer, write_mp4
 
 # (height, width) of the 16:9 videos Wan2.1 is trained on; 9:16 swaps them.
 RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280)}
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_RESOLUTION = "480p"
 DEFAULT_NUM_FRAMES = 81
 
@@ -263,7 +262,7 @@ def generate(parser: argparse.ArgumentParser, args: argparse.Namespace, vae_conf
         require_video_writer()  # before minutes of sampling, not after
     check_files(args, make_video)
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = network_dtype(args.dtype, device)
     offload = args.offload if args.offload is not None else device.type == "cuda"
 
     run_cfg = load_run_config(args.dit_path) if is_run_directory(args.dit_path) else None

@@ -39,7 +39,7 @@ from rcm.data.shards import SHARD_NAME, partial_shard_path, write_shards
 from rcm.data.toy import GROUND_TRUTH_FILE, NEGATIVE_EMBEDDING_FILE
 from rcm.distill.trigflow import pad_tokens
 from rcm.eval.cli import HelpFormatter, run_on_every_rank
-from rcm.eval.networks import NetworkSource
+from rcm.eval.networks import DTYPES, NetworkSource, dtype_name, network_dtype
 from rcm.eval.prompts import TOY_PROMPTS, PromptInputs, resolve_prompt_inputs
 from rcm.eval.sampling import TEACHER, SamplerSetting, sample_batch
 from rcm.atomic_files import atomic_torch_save, atomic_write_bytes
@@ -81,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     work.add_argument("--num-shards", type=int, default=None, help="number of parts (Slurm array: "
                       "$SLURM_ARRAY_TASK_COUNT); default: the world size")
     work.add_argument("--device", default="auto", help="'auto' (this rank's GPU if any, else CPU), 'cpu' or 'cuda'")
+    work.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                      help="the teacher's dtype (default: bfloat16 on CUDA, float32 on CPU; the 14B teacher needs 57 GB "
+                           "in float32); part of the recorded configuration")
     # Tests: simulate a crash (os._exit) after this many shards, with the next shard's partial file left behind.
     work.add_argument("--stop-after-shards", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -104,7 +107,7 @@ def build_config(args: argparse.Namespace, teacher: NetworkSource, inputs: Promp
         "guidance": args.guidance, "shift": args.shift, "prompts": args.prompts, "num_prompts": len(inputs.prompts),
         "prompts_sha256": prompt_digest.hexdigest(), "latent_shape": list(inputs.latent_shape),
         "num_samples": args.num_samples, "samples_per_shard": args.samples_per_shard, "batch_size": args.batch_size,
-        "seed": args.seed,
+        "seed": args.seed, "dtype": args.dtype,
     }
 
 
@@ -149,6 +152,7 @@ def _crash_midway(samples: Iterator[dict]) -> Iterator[dict]:
 
 def build(args: argparse.Namespace, info: DistributedInfo, device: torch.device) -> int:
     """Write this process's missing shards; rank 0 then finishes the data set if every shard is there."""
+    args.dtype = dtype_name(network_dtype(args.dtype, device))  # resolved here: the recorded configuration has it
     teacher = NetworkSource.open(args.teacher, args.model)
     inputs = resolve_prompt_inputs(args.prompts, teacher, args.ground_truth, args.negative_embedding, args.latent_shape)
     setting = SamplerSetting(f"teacher_{args.steps}", TEACHER, args.steps, args.guidance, args.shift)
@@ -169,7 +173,7 @@ def build(args: argparse.Namespace, info: DistributedInfo, device: torch.device)
             continue
         partial_shard_path(final).unlink(missing_ok=True)  # left by a crashed earlier run
         if network is None:  # loaded on first need: a finished rank never reads the checkpoint
-            network = teacher.load(args.weights, device)
+            network = teacher.load(args.weights, device, DTYPES[args.dtype])
         samples = shard_samples(network, setting, inputs, shard_number, args, teacher.model_cfg.text_len)
         if args.stop_after_shards is not None and written == args.stop_after_shards:
             samples = _crash_midway(samples)

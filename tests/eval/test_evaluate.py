@@ -235,3 +235,18 @@ def test_other_intermediate_times_are_used_and_recorded(inputs, tmp_path, capsys
     capsys.readouterr()
     assert run_in_process([*argv[:-1], str(tmp_path / "bad"), "--mid-times", "1.57"]) == 2
     assert "must decrease" in capsys.readouterr().err
+
+
+def test_dtype_is_used_and_recorded(single_run, inputs, tmp_path, capsys):
+    """--dtype bfloat16 samples with bf16 networks (other samples than float32, close to them) and records it, so
+    float32 prompt files are not reused for it."""
+    out = tmp_path / "bf16"
+    shutil.copytree(single_run, out)
+    assert run_in_process(evaluate_args(inputs, out, "--dtype", "bfloat16")) == 2
+    assert "differs in: dtype" in capsys.readouterr().err
+    assert run_in_process(evaluate_args(inputs, out, "--dtype", "bfloat16", "--overwrite")) == 0
+    ours, reference = (torch.load(path / "samples" / "prompt_00000.pt") for path in (out, single_run))
+    assert ours["generation"]["dtype"] == "bfloat16" and reference["generation"]["dtype"] == "float32"
+    a, b = ours["samples"]["student_1"], reference["samples"]["student_1"]
+    assert not torch.equal(a, b)
+    assert (a.float() - b.float()).norm() < 0.05 * b.float().norm()
