@@ -112,9 +112,19 @@ def _load_from_dcp(model: nn.Module, path: Path, prefer: str) -> str:
     # The EMA holds parameters only; other entries are full state dicts. Names and shapes are checked against
     # the metadata before anything is read, so a wrong model fails with the list of differences.
     expected = {n: p.detach() for n, p in model.named_parameters()} if entry == "ema" else model.state_dict()
-    shapes = {name: torch.empty(saved[prefix + name], device="meta") for name in names}
+    stored = {name: torch.empty(saved[prefix + name], device="meta") for name in names}
+    shapes = model.adapt_state_dict(dict(stored)) if hasattr(model, "adapt_state_dict") else stored
     raise_on_mismatch(expected, shapes, source=f"{path}{f' ({entry})' if entry else ''}")
-    dcp.load({prefix + name: expected[name] for name in names}, checkpoint_id=str(path))  # copies cast to the model's dtype
+    targets = {}
+    for name in names:
+        target = expected[name]
+        if tuple(stored[name].shape) != tuple(target.shape):  # another published layout (the release's Linear patch
+            if isinstance(target, DTensor):                   # embedding): read into a view of the parameter
+                raise ValueError(f"{path}: {name} is stored as {tuple(stored[name].shape)}; a sharded network cannot "
+                                 "read it into its own layout; load it before sharding, or convert the checkpoint")
+            target = target.view(stored[name].shape)
+        targets[prefix + name] = target
+    dcp.load(targets, checkpoint_id=str(path))  # copies cast to the model's dtype
     return entry or "dcp"
 
 

@@ -67,3 +67,16 @@ def test_a_wrong_safetensors_file_names_the_differences(source_state, tmp_path):
     safetensors_torch.save_file(state, tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match=r"missing 1 keys .*head\.head\.weight.*wrong shapes: blocks\.0\.ffn\.0\.weight \(3, 3\)"):
         load_model_weights(tiny_dit(5), tmp_path / "bad.safetensors")
+
+
+def test_dcp_of_a_release_checkpoint_loads_into_the_conv_layout(source_state, tmp_path):
+    """A DCP conversion of an rCM release .pth keeps its Linear patch embedding: it is read into a view of the
+    Conv3d weight."""
+    import torch.distributed.checkpoint as dcp
+
+    release = dict(source_state)
+    release["patch_embedding.weight"] = release["patch_embedding.weight"].flatten(1).clone()
+    dcp.save(release, checkpoint_id=str(tmp_path / "release.dcp"), no_dist=True)
+    target = tiny_dit(5)
+    assert load_model_weights(target, tmp_path / "release.dcp") == "dcp"
+    assert_same_weights(target, source_state)
