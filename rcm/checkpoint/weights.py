@@ -33,7 +33,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_model_weights(model: nn.Module, path: str | Path, prefer: str = "ema") -> str:
-    """Load weights into ``model`` (strict); returns which entry was used ('ema', 'student' or 'pth')."""
+    """Load weights into ``model`` (strict); returns what was read: a DCP entry ('ema', 'student'), 'dcp' (a plain
+    model checkpoint), 'pth' or 'safetensors'."""
     path = resolve_checkpoint(path)
     if path.suffix == ".safetensors" or (path.is_dir() and safetensors_files(path)):
         load_state_dict_strict(model, SafetensorsState(path), source=str(path))
@@ -173,8 +174,8 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
     """``load_state_dict(strict=True)`` with an error that lists what is missing and unexpected.
 
     Copies one tensor at a time (cast to the model's dtype), so a memory-mapped or lazily read file is never held
-    in full. ``model`` may be sharded (FSDP2, DTensor parameters): each rank then keeps its own slice. A model's ``adapt_state_dict`` (if it
-    has one) first turns other published layouts into its own.
+    in full. ``model`` may be sharded (FSDP2, DTensor parameters): each rank then keeps its own slice. A model's
+    ``adapt_state_dict`` (if it has one) first turns other published layouts into its own.
     """
     if hasattr(model, "adapt_state_dict"):  # on a copy of the dict; a lazy state keeps its changes aside
         state = model.adapt_state_dict(state if isinstance(state, SafetensorsState) else dict(state))
