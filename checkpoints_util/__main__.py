@@ -2,7 +2,7 @@
 
     inspect PATH          a run's checkpoints, or one checkpoint's tensors (key, shape, dtype, size), step, completeness
     verify PATH           read every shard and check it (CRC-32, sizes, structure); exit status 1 if anything is damaged
-    pth-to-dcp SRC DST    a torch.save file → a DCP checkpoint directory
+    pth-to-dcp SRC DST    a torch.save file (or .safetensors file / shards) → a DCP checkpoint directory
     dcp-to-pth SRC DST    a DCP checkpoint (or a run's latest) → a torch.save file; pick student / EMA / fake score
 
 Conversions stream tensor by tensor (memory stays at a few tensors, whatever the checkpoint size), check
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -62,6 +63,14 @@ def inspect_checkpoint(path: Path, summary_only: bool = False) -> int:
                 print(f"{child.name}  {state}")
         latest = manager.latest()
         print(f"latest complete: {latest.name if latest else 'none'}")
+        return 0
+    from rcm.checkpoint.weights import SafetensorsState, is_safetensors
+
+    if is_safetensors(path):  # headers only
+        tensors = SafetensorsState(path)
+        rows = [(name, tensors.shape_of(name), str(tensors.dtype_of(name)).replace("torch.", ""),
+                 math.prod(tensors.shape_of(name)) * tensors.dtype_of(name).itemsize) for name in tensors]
+        _print_tensors(sorted(rows), summary_only)
         return 0
     if path.is_file():
         state = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
@@ -147,10 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("path", type=Path, help="a run directory, a checkpoint directory or a .pth file")
     check.add_argument("--no-crc", action="store_true", help="check structure and sizes only (fast: reads headers, not the tensor bytes)")
 
-    to_dcp = commands.add_parser("pth-to-dcp", help="convert a torch.save file into a DCP checkpoint",
+    to_dcp = commands.add_parser("pth-to-dcp", help="convert a torch.save (or .safetensors) file into a DCP checkpoint",
                                  description="Convert a torch.save file into a DCP checkpoint directory, tensor by tensor. Without options the "
-                                             "result is byte for byte what `format_utils torch_to_dcp` writes.")
-    to_dcp.add_argument("source", type=Path, help="the .pth file")
+                                             "result is byte for byte what `format_utils torch_to_dcp` writes. A .safetensors file or a "
+                                             "directory of them (the official Wan2.1 DiT, e.g. the 14B's six shards) converts the same way.")
+    to_dcp.add_argument("source", type=Path, help="the .pth file (or .safetensors file / directory of shards)")
     to_dcp.add_argument("destination", type=Path, help="the DCP checkpoint directory to create")
     to_dcp.add_argument("--select", help="convert only this sub-dict of the file (e.g. ema, model, state_dict)")
     to_dcp.add_argument("--dtype", choices=DTYPE_CHOICES, help="cast floating-point tensors (default: keep)")
@@ -179,11 +189,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "verify":
         return verify(args.path, check_crc=not args.no_crc)
 
-    from rcm.checkpoint.convert import DTYPES, dcp_to_pth, pth_to_dcp
+    from rcm.checkpoint.convert import DTYPES, dcp_to_pth, pth_to_dcp, safetensors_to_dcp
+    from rcm.checkpoint.weights import is_safetensors
 
     dtype = DTYPES[args.dtype] if args.dtype else None
     try:
-        if args.command == "pth-to-dcp":
+        if args.command == "pth-to-dcp" and is_safetensors(args.source):
+            if args.select:
+                raise ValueError("--select applies to torch.save files; a safetensors file is flat")
+            report = safetensors_to_dcp(args.source, args.destination, dtype=dtype, strip_prefix=args.strip_prefix,
+                                        add_prefix=args.add_prefix, overwrite=args.overwrite)
+        elif args.command == "pth-to-dcp":
             report = pth_to_dcp(args.source, args.destination, select=args.select, dtype=dtype,
                                 strip_prefix=args.strip_prefix, add_prefix=args.add_prefix, overwrite=args.overwrite)
         else:

@@ -307,6 +307,48 @@ def pth_to_dcp(
     return report
 
 
+def safetensors_to_dcp(
+    source: str | Path, destination: str | Path, dtype: torch.dtype | None = None, strip_prefix: str | None = None,
+    add_prefix: str = "", overwrite: bool = False,
+) -> ConversionReport:
+    """Convert a ``.safetensors`` file or a directory of shards (the official Wan2.1 DiT's layout) into a DCP
+    checkpoint directory, one tensor in memory at a time; a sharded training run then reads only its slices."""
+    from rcm.checkpoint.weights import SafetensorsState
+
+    started = time.time()
+    source, destination = Path(source), Path(destination)
+    state = SafetensorsState(source)
+    if not len(state):
+        raise ValueError(f"{source} holds no tensors")
+    names = rename_keys(list(state), strip_prefix, add_prefix)
+    report = ConversionReport()
+
+    def fetcher(name: str) -> Callable[[], torch.Tensor]:
+        def fetch() -> torch.Tensor:
+            tensor = state[name]
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            report.tensors += 1
+            report.bytes_written += tensor.nbytes
+            return tensor
+        return fetch
+
+    placeholders, fetchers = {}, {}
+    for name, target in names.items():
+        stored = state.dtype_of(name)
+        placeholders[target] = torch.empty(state.shape_of(name), device="meta",
+                                           dtype=dtype if dtype is not None and stored.is_floating_point else stored)
+        fetchers[target] = fetcher(name)
+    staging = _staging_dir(destination, overwrite)
+    try:
+        dcp.save(placeholders, storage_writer=_StreamingWriter(str(staging), {}), planner=_FetchingSavePlanner(fetchers), no_dist=True)
+        _replace(staging, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    report.seconds = time.time() - started
+    return report
+
+
 # -- DCP → .pth --
 def training_entries(metadata) -> list[str]:
     """The network entries (student / ema / fake_score) a DCP checkpoint holds; empty for a plain model checkpoint."""

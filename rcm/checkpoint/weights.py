@@ -36,7 +36,7 @@ def load_model_weights(model: nn.Module, path: str | Path, prefer: str = "ema") 
     """Load weights into ``model`` (strict); returns what was read: a DCP entry ('ema', 'student'), 'dcp' (a plain
     model checkpoint), 'pth' or 'safetensors'."""
     path = resolve_checkpoint(path)
-    if path.suffix == ".safetensors" or (path.is_dir() and safetensors_files(path)):
+    if is_safetensors(path):
         load_state_dict_strict(model, SafetensorsState(path), source=str(path))
         return "safetensors"
     if path.is_dir():
@@ -57,6 +57,17 @@ def safetensors_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
+# safetensors header dtype names (the ones torch has).
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def is_safetensors(path: Path) -> bool:
+    """A ``.safetensors`` file, or a directory of them (with or without an index)."""
+    return path.suffix == ".safetensors" or (path.is_dir() and bool(safetensors_files(path)))
+
+
 class SafetensorsState(MutableMapping):
     """The tensors of a ``.safetensors`` file or a directory of shards, each read when it is looked up (shapes
     from the headers), so a sharded model's load holds one full tensor at a time. Assigned keys override the
@@ -74,6 +85,11 @@ class SafetensorsState(MutableMapping):
             for name in handle.keys():
                 self._where[name] = handle
         self._overrides: dict[str, torch.Tensor] = {}
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        if name in self._overrides:
+            return self._overrides[name].dtype
+        return SAFETENSORS_DTYPES[self._where[name].get_slice(name).get_dtype()]
 
     def shape_of(self, name: str) -> tuple[int, ...]:
         if name in self._overrides:

@@ -76,3 +76,35 @@ def test_conversions_from_the_command_line(run_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["dcp-to-pth", str(tmp_path / "ema.dcp"), str(tmp_path / "plain.pth")]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_official_safetensors_shards_inspect_and_convert_to_dcp(tmp_path, capsys):
+    """The 14B's published layout (shards + index): inspect lists every tensor from the headers; pth-to-dcp
+    converts it into a DCP checkpoint (bf16 on request) that loads strictly into the DiT."""
+    import json
+
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    from rcm.checkpoint.weights import load_model_weights
+
+    state = {k: v.float().contiguous() for k, v in tiny_dit(4).state_dict().items()}
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[:5], "model-00002-of-00002.safetensors": names[5:]}
+    source = tmp_path / "Wan2.1-T2V-tiny"
+    source.mkdir()
+    for file, keys in shards.items():
+        safetensors_torch.save_file({k: state[k] for k in keys}, source / file)
+    (source / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: file for file, keys in shards.items() for k in keys}}))
+
+    assert main(["inspect", str(source)]) == 0
+    out = capsys.readouterr().out
+    assert "head.head.weight" in out and "float32" in out and str(len(names)) in out
+
+    assert main(["pth-to-dcp", str(source), str(tmp_path / "teacher.dcp"), "--dtype", "bf16"]) == 0
+    assert f"{len(names)} tensors" in capsys.readouterr().out
+    target = tiny_dit(5)
+    assert load_model_weights(target, tmp_path / "teacher.dcp") == "dcp"
+    for name, value in target.state_dict().items():
+        assert torch.equal(value, state[name].to(torch.bfloat16).float()), name
+    assert main(["pth-to-dcp", str(source), str(tmp_path / "other.dcp"), "--select", "ema"]) == 2
+    assert "--select applies to torch.save files" in capsys.readouterr().err
