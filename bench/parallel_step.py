@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from rcm.checkpoint.manager import CheckpointManager
+from rcm.checkpoint.weights import copy_weights
 from rcm.config import DistillConfig, load_model_preset, model_presets
 from rcm.distill.distiller import Distiller
 from rcm.distill.ema import PowerEMA
@@ -104,16 +105,23 @@ def main() -> None:
     mesh = build_device_mesh(parallel, world_size, device.type, num_heads=model_fields["num_heads"])
     dims = mesh_dims(mesh)
 
-    torch.manual_seed(0)  # identical weights on every rank: FSDP shards each rank's full copy
-    with torch.device(device):
+    # As training builds them: on the meta device, sharded, then allocated shard by shard (the 14B's three
+    # networks never fit one GPU in full); random weights drawn on the shards, the same on every rank.
+    with torch.device("meta"):
         student = build_wan_dit(model_fields)
-    with torch.no_grad():  # Wan zero-inits the head; random weights exercise every path
-        student.head.head.weight.normal_(std=0.02)
     fake_score = copy.deepcopy(student)
     teacher = copy.deepcopy(student).requires_grad_(False)
     for network in (student, fake_score):
         parallelize_wan_dit(network, mesh, parallel)
     parallelize_wan_dit(teacher, mesh, parallel, frozen=True)
+    torch.manual_seed(0)
+    student.to_empty(device=device)
+    student.init_weights()
+    with torch.no_grad():  # Wan zero-inits the head; random weights exercise every path
+        student.head.head.weight.normal_(std=0.02)
+    for network in (fake_score, teacher):
+        network.to_empty(device=device)
+        copy_weights(student, network)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6, betas=(0.0, 0.999), weight_decay=0.01)
     fake_optimizer = ema = None
     if args.full_state:  # what a training run holds beside the student step: the fake score's AdamW state, the EMA
