@@ -312,3 +312,18 @@ def test_compile_vae_decodes_the_same_video(release, tmp_path, monkeypatch, caps
         generate.main(cli_args(release, tmp_path / "zero.mp4", *prompt, "--vae_chunk_frames", "0"))
     assert "--vae_chunk_frames must be at least 1, got 0" in capsys.readouterr().err
     assert read_mp4(tmp_path / "fast.mp4")[0].shape == (FRAMES, HEIGHT, WIDTH, 3)
+
+
+def test_safetensors_student_directory_gives_the_pth_latent(release, tmp_path):
+    """--dit_path may be a directory of safetensors shards (as Wan2.1 is published): the same latent as the .pth."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    state = torch.load(release["root"] / "student.pth", weights_only=True)
+    names = sorted(state)
+    (tmp_path / "dit").mkdir()
+    safetensors_torch.save_file({k: state[k].contiguous() for k in names[:4]}, tmp_path / "dit" / "a.safetensors")
+    safetensors_torch.save_file({k: state[k].contiguous() for k in names[4:]}, tmp_path / "dit" / "b.safetensors")
+    assert generate.main(cli_args(release, tmp_path / "pth.pt", "--prompt", "a red fox", video=False)) == 0
+    argv = cli_args(release, tmp_path / "st.pt", "--prompt", "a red fox", video=False)
+    argv[argv.index("--dit_path") + 1] = str(tmp_path / "dit")
+    assert generate.main(argv) == 0
+    torch.testing.assert_close(torch.load(tmp_path / "st.pt"), torch.load(tmp_path / "pth.pt"), rtol=0, atol=0)
