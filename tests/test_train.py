@@ -145,6 +145,30 @@ def test_torchrun_two_processes_gloo(toy_setup, tmp_path, async_save_mode):
     assert states[0]["loader"] != states[1]["loader"] or states[0]["generator"].ne(states[1]["generator"]).any()
 
 
+def test_two_ranks_start_from_a_dcp_teacher(toy_setup, tmp_path):
+    """2 gloo ranks, FSDP over both: networks built on meta, the teacher read from a DCP checkpoint shard by shard.
+    One warm-up iteration (sCM only) leaves the fake score untouched, so the saved fake score is the teacher."""
+    from rcm.checkpoint.convert import pth_to_dcp
+    from rcm.checkpoint.weights import load_model_weights
+
+    pth_to_dcp(toy_setup / "teacher.pth", tmp_path / "teacher.dcp")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "rcm.train",
+        "experiment=toy_rcm", f"run_dir={tmp_path / 'run'}", f"data.shards={toy_setup / 'data'}",
+        f"distill.teacher_checkpoint={tmp_path / 'teacher.dcp'}", "train.batch_size=2", "train.max_iters=1",
+        "distill.tangent_warmup=2", "train.progress_bar=false", "train.device=cpu", "train.async_save=false",
+    ]
+    result = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    teacher = torch.load(toy_setup / "teacher.pth", weights_only=True)
+    for role, same in (("fake_score", True), ("student", False)):
+        network = build_network(load_config(["experiment=toy_rcm"]).model)
+        load_model_weights(network, tmp_path / "run", prefer=role)
+        equal = all(torch.equal(value, teacher[name]) for name, value in network.state_dict().items())
+        assert equal == same, role
+
+
 def test_context_parallel_training_matches_one_process(toy_setup, tmp_path):
     """torchrun with parallel.cp=2 (Ulysses, FSDP2 over the CP group) trains the same networks as one process:
     the CP ranks share one data stream and one noise generator, so only summation order differs."""
