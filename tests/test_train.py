@@ -89,6 +89,20 @@ def test_distillation_starts_from_the_teacher_without_initializing_a_network(toy
     assert not any(p.requires_grad for p in trainer.teacher.parameters())
 
 
+@pytest.mark.parametrize("experiment,has_fake_score", [("toy_scm", False), ("toy_dmd", True), ("toy_dcm", False)])
+def test_every_baseline_starts_from_the_teacher_and_trains(toy_setup, tmp_path, experiment, has_fake_score):
+    """The baselines' experiments build their networks the same way (meta, then the teacher's weights) and train."""
+    teacher = torch.load(toy_setup / "teacher.pth", weights_only=True)
+    cfg = rcm_config(toy_setup, tmp_path / experiment, 2, [f"experiment={experiment}"])
+    trainer = Trainer(cfg, torch.device("cpu"), DistributedInfo())
+    assert (trainer.fake_score is not None) == has_fake_score
+    for network in (trainer.teacher, trainer.student):
+        assert all(torch.equal(value, teacher[name]) for name, value in network.state_dict().items())
+    trainer.run()
+    assert trainer.iteration == 2
+    assert not all(torch.equal(value, teacher[name]) for name, value in trainer.student.state_dict().items())
+
+
 def test_interrupted_save_is_not_taken_as_latest(toy_setup, tmp_path):
     run_dir = tmp_path / "run"
     Trainer(rcm_config(toy_setup, run_dir, 3), torch.device("cpu"), DistributedInfo()).run()
