@@ -27,7 +27,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if path.is_dir() and not is_complete(path) and not (path / ".metadata").exists() and not safetensors_files(path):
         latest = CheckpointManager(path / "checkpoints").latest()
         if latest is None:
-            raise FileNotFoundError(f"{path} holds no complete checkpoint (looked in {path / 'checkpoints'})")
+            raise FileNotFoundError(
+                f"{path} holds no weights: no DCP .metadata, no *.safetensors and no complete checkpoint in "
+                f"{path / 'checkpoints'}; pass a .pth/.safetensors file, a directory of safetensors shards, a DCP "
+                "checkpoint or a training run directory")
         return latest
     return path
 

@@ -80,3 +80,9 @@ def test_dcp_of_a_release_checkpoint_loads_into_the_conv_layout(source_state, tm
     target = tiny_dit(5)
     assert load_model_weights(target, tmp_path / "release.dcp") == "dcp"
     assert_same_weights(target, source_state)
+
+
+def test_a_directory_without_weights_names_what_is_accepted(tmp_path):
+    (tmp_path / "Wan2.1_VAE.pth").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"holds no weights: no DCP \.metadata, no \*\.safetensors.*run directory"):
+        load_model_weights(tiny_dit(5), tmp_path)
