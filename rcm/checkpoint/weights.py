@@ -7,10 +7,12 @@ from collections.abc import MutableMapping
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.tensor import DTensor, distribute_tensor
+from tqdm import tqdm
 
 from rcm.checkpoint.manager import CheckpointManager, is_complete
 from rcm.checkpoint.verify import read_metadata
@@ -200,8 +202,12 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
         state = model.adapt_state_dict(state if isinstance(state, SafetensorsState) else dict(state))
     expected = model.state_dict()
     raise_on_mismatch(expected, state, source)
+    # A bar only when the load is slow (the 14B's 57 GB), and on one rank.
+    quiet = dist.is_initialized() and dist.get_rank() != 0
+    tensors = tqdm(expected.items(), total=len(expected), desc=f"loading {Path(source).name}", unit="tensor",
+                   delay=5.0, disable=quiet)
     with torch.no_grad():
-        for name, target in expected.items():  # state-dict entries share the parameters' storage (DTensors too)
+        for name, target in tensors:  # state-dict entries share the parameters' storage (DTensors too)
             value = state[name].to(device=target.device, dtype=target.dtype)
             if isinstance(target, DTensor):  # every rank holds the full tensor: slice it, no communication
                 value = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
