@@ -37,7 +37,7 @@ from tqdm import tqdm
 from rcm.data.toy import ToyMixture
 from rcm.eval.cli import HelpFormatter, run_on_every_rank
 from rcm.eval.metrics_plugins import parse_metric_spec, registered_metrics
-from rcm.eval.networks import DTYPES, NetworkSource, dtype_name, load_network, load_run_config, network_dtype
+from rcm.eval.networks import DTYPES, NetworkSource, load_network, load_run_config, network_dtype_name
 from rcm.eval.prompts import TOY_PROMPTS, Prompt, resolve_prompt_inputs
 from rcm.eval.report import markdown_table, prompt_rows, summarize, summary_rows
 from rcm.eval.sampling import STUDENT, TEACHER, SamplerSetting, sample_prompt
@@ -296,7 +296,7 @@ def write_report(plan: EvaluationPlan, args: argparse.Namespace, records: list[d
 
 def evaluate(args: argparse.Namespace, info: DistributedInfo, device: torch.device) -> int:
     """Generate this process's share, wait for the others, then (rank 0) gather and report."""
-    args.dtype = dtype_name(network_dtype(args.dtype, device))  # resolved here: prompt files record it
+    args.dtype = network_dtype_name(args.dtype, device)  # resolved here: prompt files record it
     plan = plan_evaluation(args)
     shard = resolve_work_shard(info, args.shard_index, args.num_shards)
     if not args.gather_only:

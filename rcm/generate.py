@@ -31,11 +31,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from rcm.checkpoint.weights import load_model_weights
 from rcm.config import config_from_json, json_argument, load_model_preset, model_presets
 from rcm.distill.sampler import sample_student, student_time_grid
 from rcm.distill.trigflow import denoise
-from rcm.eval.networks import DTYPES, is_run_directory, load_run_config, network_dtype
+from rcm.eval.networks import DTYPES, NetworkSource, is_run_directory, load_run_config, network_dtype
 from rcm.models.text_encoder import TOKENIZER_FILE, TextEncoder, resolve_tokenizer_file
 from rcm.models.umt5 import OFFICIAL_CHECKPOINT_NAME as UMT5_CHECKPOINT_NAME
 from rcm.models.umt5 import UMT5Config
@@ -94,17 +93,6 @@ def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def load_student(model_cfg: Any, dit_path: Path, weights: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The DiT of ``model_cfg`` with the weights of ``dit_path``, on ``device`` in ``dtype``, frozen."""
-    from rcm.train import build_network
-
-    # Built on the meta device and allocated in place: no float32 copy and no random initialization
-    # (minutes on a CPU for 14B); every tensor of WanDiT is a parameter the strict load then fills.
-    network = build_network(model_cfg, device="meta").to(dtype).to_empty(device=device)
-    load_model_weights(network, dit_path, prefer=weights)
-    return network.eval().requires_grad_(False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,7 +295,7 @@ def generate(parser: argparse.ArgumentParser, args: argparse.Namespace, vae_conf
         progress.set_postfix_str("sample")
         started = time.perf_counter()
         try:
-            network = load_student(model_cfg, Path(args.dit_path), args.weights, device, dtype)
+            network = NetworkSource(Path(args.dit_path), model_cfg).load(args.weights, device, dtype)
         except ValueError as error:
             which = f"--model {args.model}" if args.model else "the run's model"
             raise ValueError(f"--dit_path: {error}. Is {which} the network of this checkpoint? (presets: "

@@ -39,7 +39,7 @@ from rcm.data.shards import SHARD_NAME, partial_shard_path, write_shards
 from rcm.data.toy import GROUND_TRUTH_FILE, NEGATIVE_EMBEDDING_FILE
 from rcm.distill.trigflow import pad_tokens
 from rcm.eval.cli import HelpFormatter, run_on_every_rank
-from rcm.eval.networks import DTYPES, NetworkSource, dtype_name, network_dtype
+from rcm.eval.networks import DTYPES, NetworkSource, network_dtype_name
 from rcm.eval.prompts import TOY_PROMPTS, PromptInputs, resolve_prompt_inputs
 from rcm.eval.sampling import TEACHER, SamplerSetting, sample_batch
 from rcm.atomic_files import atomic_torch_save, atomic_write_bytes
@@ -152,7 +152,7 @@ def _crash_midway(samples: Iterator[dict]) -> Iterator[dict]:
 
 def build(args: argparse.Namespace, info: DistributedInfo, device: torch.device) -> int:
     """Write this process's missing shards; rank 0 then finishes the data set if every shard is there."""
-    args.dtype = dtype_name(network_dtype(args.dtype, device))  # resolved here: the recorded configuration has it
+    args.dtype = network_dtype_name(args.dtype, device)  # resolved here: the recorded configuration has it
     teacher = NetworkSource.open(args.teacher, args.model)
     inputs = resolve_prompt_inputs(args.prompts, teacher, args.ground_truth, args.negative_embedding, args.latent_shape)
     setting = SamplerSetting(f"teacher_{args.steps}", TEACHER, args.steps, args.guidance, args.shift)

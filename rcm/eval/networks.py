@@ -16,16 +16,17 @@ RUN_CONFIG_FILE = "config.yaml"
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def network_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """The dtype named (a key of ``DTYPES``), or by default bfloat16 on CUDA (Wan's inference dtype: half the
-    memory, tensor-core speed) and float32 elsewhere."""
+def network_dtype_name(name: str | None, device: torch.device) -> str:
+    """``name`` (a key of ``DTYPES``), or by default bfloat16 on CUDA (Wan's inference dtype: half the memory,
+    tensor-core speed) and float32 elsewhere."""
     if name is not None:
-        return DTYPES[name]
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        return name
+    return "bfloat16" if torch.device(device).type == "cuda" else "float32"
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, value in DTYPES.items() if value == dtype)
+def network_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """The dtype of `network_dtype_name`."""
+    return DTYPES[network_dtype_name(name, device)]
 
 
 def load_run_config(run_dir: str | Path) -> Any:

@@ -53,7 +53,7 @@ def apply_fsdp(
 
 
 def store_parameters_in(model: nn.Module, dtype: torch.dtype) -> None:
-    """Cast ``model``'s floating-point parameters to ``dtype`` in place; buffers (RoPE tables) keep theirs."""
+    """Cast ``model``'s floating-point parameters to ``dtype`` in place; buffers keep theirs."""
     for parameter in model.parameters():
         if parameter.is_floating_point():
             parameter.data = parameter.data.to(dtype)
