@@ -1,0 +1,83 @@
+"""One training iteration (a batch, the scheduled network's loss, backward, gradient sync, update) and the
+learning-rate schedule it follows."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from rcm.distill.distiller import STUDENT
+from rcm.parallel.gradient_accumulation import backward_micro_batches, split_micro_batches
+from rcm.training.state import TrainingState
+
+log = logging.getLogger("rcm.train")
+
+
+def lr_factor(iteration: int, warmup_iters: int, max_iters: int, decay: str = "none", min_ratio: float = 0.0) -> float:
+    """The learning-rate multiplier at ``iteration`` (0-based): a linear warmup over ``warmup_iters``, then
+    ``decay`` (none, linear or cosine) from 1 down to ``min_ratio`` at the last iteration, ``max_iters`` − 1.
+
+    A function of the iteration alone, so a resumed run continues the same schedule.
+    """
+    if warmup_iters > 0 and iteration < warmup_iters:
+        return (iteration + 1) / warmup_iters
+    if decay == "none":
+        return 1.0
+    span = max_iters - 1 - warmup_iters
+    progress = min(1.0, (iteration - warmup_iters) / span) if span > 0 else 1.0
+    if decay == "linear":
+        shape = 1.0 - progress
+    elif decay == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"unknown learning-rate decay {decay!r}")
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def set_learning_rate(state: TrainingState, role: str) -> None:
+    """Set the optimizer of ``role`` to its base learning rate times the schedule at the current iteration."""
+    optim = state.cfg.optim
+    factor = lr_factor(state.iteration, optim.warmup_iters, state.cfg.train.max_iters, optim.decay, optim.min_lr_ratio)
+    for group in state.optimizers[role].param_groups:
+        group["lr"] = state.base_lr[role] * factor
+
+
+def autocast(state: TrainingState):
+    """bf16 autocast on CUDA with ``train.mixed_precision=bf16``; no-op otherwise."""
+    if state.device.type == "cuda" and state.cfg.train.mixed_precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(state: TrainingState) -> dict[str, Any]:
+    """One iteration: a batch, the scheduled network's loss, backward, gradient sync, update."""
+    batch = {k: v.to(state.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(state.loader).items()}
+    role = STUDENT if state.distiller.method == "flow_matching" else state.distiller.kind(state.iteration)
+    network, optimizer = state.networks()[role], state.optimizers[role]
+    set_learning_rate(state, role)
+    optimizer.zero_grad(set_to_none=True)
+
+    def micro_batch_loss(micro_batch):
+        with autocast(state):
+            return state.distiller.loss(micro_batch, state.iteration, state.student_iteration)
+
+    micro_batches = split_micro_batches(batch, state.cfg.parallel.grad_accumulation)
+    result = backward_micro_batches(network, micro_batches, micro_batch_loss)[-1]
+    max_norm = state.cfg.optim.grad_clip if state.cfg.optim.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), max_norm)
+    if isinstance(grad_norm, DTensor):
+        grad_norm = grad_norm.full_tensor()
+    if torch.isfinite(grad_norm):
+        optimizer.step()
+    else:  # a NaN that the loss guards could not stop (e.g. inside the network): skip, don't poison Adam
+        state.skipped_steps += 1
+        log.warning("iteration %d: non-finite %s gradient norm, update skipped", state.iteration, role)
+    if role == STUDENT:
+        state.ema.update(state.student, state.student_iteration)
+        state.student_iteration += 1
+    state.iteration += 1
+    return {"role": role, f"grad_norm/{role}": float(grad_norm), **result.logs}
