@@ -12,9 +12,16 @@ Why rank 0 may write the marker as soon as *its* DCP save returns: every rank wr
 before it enters the save, and DCP's coordinator (rank 0) writes ``.metadata`` only after it gathered
 the write results of every rank. So rank 0's save completing means every shard and rank file exists.
 A crash or SIGKILL at any earlier point leaves no marker, and the previous checkpoint stays the latest.
+
+A save at an iteration that already has a complete checkpoint (one that resume skipped as damaged, or one of an
+earlier trajectory) writes beside it, into ``.iter_NNNNNNNNN.replacing``, and swaps the two directories once the
+new one is complete (one atomic ``renameat2`` exchange where the file system has it): there is never a moment
+without a complete checkpoint of that iteration.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import io
 import json
 import logging
@@ -36,34 +43,21 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor
 
 from rcm.atomic_files import atomic_write_bytes
-from rcm.checkpoint.verify import CheckpointCorruptError, read_metadata, verify_checkpoint, verify_torch_file
+from rcm.checkpoint.layout import (CHECKPOINT_NAME, COMPLETE_MARKER, CheckpointCorruptError, CheckpointSaveError,
+                                   is_complete, rank_file, read_marker)
+from rcm.checkpoint.verify import read_metadata, verify_checkpoint, verify_torch_file
 from rcm.parallel.distributed import DistributedInfo, barrier
 
 log = logging.getLogger(__name__)
 # DCP warns on every single-process save/load; single-process is a supported mode here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-COMPLETE_MARKER = "COMPLETE"
 ASYNC_MODES = ("thread", "process")
-_CHECKPOINT_NAME = re.compile(r"^iter_(\d{9})$")
-
-
-def is_complete(path: Path) -> bool:
-    """A checkpoint counts only once its completion marker exists."""
-    return (Path(path) / COMPLETE_MARKER).is_file()
-
-
-def rank_file(path: Path, rank: int) -> Path:
-    """The per-rank state file of ``rank`` inside a checkpoint directory."""
-    return Path(path) / f"rank_{rank:05d}.pt"
-
-
-def read_marker(path: Path) -> dict[str, Any]:
-    """The completion marker's contents: iteration, world_size, saved_at, seconds, async."""
-    marker = Path(path) / COMPLETE_MARKER
-    try:
-        return json.loads(marker.read_text())
-    except (OSError, ValueError) as error:
-        raise CheckpointCorruptError(f"{marker} is unreadable ({error})") from error
+_CHECKPOINT_NAME = CHECKPOINT_NAME
+# Where a save writes when its iteration already has a complete checkpoint (swapped into place once complete).
+_REPLACEMENT_NAME = re.compile(r"^\.(iter_(\d{9}))\.replacing$")
+_RENAME_EXCHANGE = 2  # renameat2 flag (Linux ≥ 3.15: ext4, xfs, btrfs, tmpfs; not NFS)
+__all__ = ["ASYNC_MODES", "COMPLETE_MARKER", "CheckpointCorruptError", "CheckpointManager", "CheckpointSaveError",
+           "checkpoint_entries", "is_complete", "iteration_of", "rank_file", "read_marker", "verify_together"]
 
 
 class CheckpointManager:
@@ -78,6 +72,9 @@ class CheckpointManager:
     GIL, which slows launch-bound training steps while a thread writes (docs/benchmarks.md). It needs a
     process group, so a one-process run gets a private one-rank gloo group, and one open file per staged
     tensor (the soft open-file limit is raised to the hard one; below that it falls back to a thread).
+
+    ``restart_if_all_damaged``: when every checkpoint fails verification, ``latest_loadable`` returns None (start
+    over, with a warning) instead of raising (the default: a silent restart would throw the run's work away).
     """
 
     def __init__(
@@ -88,6 +85,7 @@ class CheckpointManager:
         keep_every: int = 0,
         async_save: bool = False,
         async_mode: str = "thread",
+        restart_if_all_damaged: bool = False,
     ):
         if async_mode not in ASYNC_MODES:
             raise ValueError(f"async_mode must be one of {ASYNC_MODES}, got {async_mode!r}")
@@ -99,6 +97,8 @@ class CheckpointManager:
         self.keep_every = keep_every
         self.async_save = async_save
         self.async_mode = async_mode
+        self.restart_if_all_damaged = restart_if_all_damaged
+        self._saved_iterations: set[int] = set()  # saved by this manager: a second save of one is a no-op
         self._own_default_group = False
         self._pending: Future | None = None
         self._pending_path: Path | None = None
@@ -111,19 +111,26 @@ class CheckpointManager:
         return self.directory / f"iter_{iteration:09d}"
 
     def complete_checkpoints(self, warn: bool = True) -> list[tuple[int, Path]]:
-        """(iteration, path) of every complete checkpoint, oldest first; incomplete ones are skipped with a warning."""
+        """(iteration, path) of every complete checkpoint, oldest first; incomplete ones are skipped with a warning.
+
+        A complete replacement (``.iter_N.replacing``) stands in for ``iter_N`` when that is missing: a crash
+        between the two renames of a replacement on a file system without an atomic exchange.
+        """
         found = []
         if not self.directory.is_dir():
             return found
         for child in sorted(self.directory.iterdir()):
             match = _CHECKPOINT_NAME.match(child.name)
             if not match or not child.is_dir():
+                replacement = _REPLACEMENT_NAME.match(child.name)
+                if replacement and is_complete(child) and not (self.directory / replacement.group(1)).exists():
+                    found.append((int(replacement.group(2)), child))
                 continue
             if is_complete(child):
                 found.append((int(match.group(1)), child))
             elif warn and child != self._in_flight_path():
                 log.warning("skipping incomplete checkpoint %s (no %s marker: the save did not finish)", child, COMPLETE_MARKER)
-        return found
+        return sorted(found)
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or None (no content check; see ``latest_loadable``)."""
@@ -131,51 +138,83 @@ class CheckpointManager:
         return checkpoints[-1][1] if checkpoints else None
 
     def latest_loadable(self, check_crc: bool = True) -> Path | None:
-        """Collective: the newest complete checkpoint that passes verification; damaged ones are skipped with a warning.
+        """Collective: the newest complete checkpoint that passes verification; damaged ones are skipped with a
+        warning naming the damaged file. None when there is no checkpoint (or only an unfinished save).
 
-        The ranks split the check between them, so its cost does not grow with the world size.
+        When checkpoints exist but every one is damaged: CheckpointCorruptError naming the damaged files, or with
+        ``restart_if_all_damaged`` a warning and None. The ranks split the check, so its cost does not grow with
+        the world size.
         """
+        damaged = []
         for _, path in reversed(self.complete_checkpoints()):
-            problems = verify_checkpoint(path, check_crc, part=self.info.rank, num_parts=self.info.world_size)
-            if self.info.world_size > 1:
-                gathered: list[list[str] | None] = [None] * self.info.world_size
-                dist.all_gather_object(gathered, problems)
-                problems = [p for rank_problems in gathered for p in rank_problems or []]
+            problems = verify_together(path, check_crc, self.info)
             if not problems:
                 return path
+            damaged.append(problems[0])
             if self.info.is_main:
                 log.warning("skipping damaged checkpoint %s: %s", path, "; ".join(problems[:3]))
+        damaged += [f"{path} has no {COMPLETE_MARKER} marker although its save finished (a later save started)"
+                    for path in self._unmarked_finished_saves()]
+        if not damaged:
+            return None
+        shown = "; ".join(damaged[:3]) + (f"; and {len(damaged) - 3} more" if len(damaged) > 3 else "")
+        message = (f"every checkpoint in {self.directory} is damaged ({shown}); restore or delete the damaged files "
+                   f"(`python -m checkpoints_util verify {self.directory.parent}` lists them), or, to train from "
+                   "the start, set train.restart_if_all_damaged=true")
+        if not self.restart_if_all_damaged:
+            raise CheckpointCorruptError(message)
+        if self.info.is_main:
+            log.warning("%s: starting over from iteration 0 (train.restart_if_all_damaged=true)", message.split(";")[0])
         return None
+
+    def _unmarked_finished_saves(self) -> list[Path]:
+        """Checkpoint directories without a marker whose DCP save finished (.metadata exists) and that are not the
+        newest: a crash can leave only the newest save unfinished, so these lost their marker afterwards."""
+        if not self.directory.is_dir():
+            return []
+        named = sorted(child for child in self.directory.iterdir() if _CHECKPOINT_NAME.match(child.name) and child.is_dir())
+        return [child for child in named[:-1] if not is_complete(child) and (child / ".metadata").is_file()]
 
     # -- saving --
     def save(self, iteration: int, state: dict[str, Any], rank_state: dict[str, Any], wait: bool = False) -> Path:
         """Collective save: DCP for ``state``, one file per rank for ``rank_state``, then the marker.
 
-        With ``async_save`` this returns once ``state`` is copied to CPU memory, unless ``wait``.
+        With ``async_save`` this returns once ``state`` is copied to CPU memory, unless ``wait``. An existing
+        complete checkpoint of ``iteration`` not saved by this manager (resume skipped it as damaged, or it belongs
+        to an earlier run of this directory) is replaced atomically once the new one is complete.
         """
         self.wait()
         path = self.path_for(iteration)
-        if is_complete(path):
-            return path
-        if self.info.is_main and path.exists():
-            shutil.rmtree(path)  # leftovers of a save that crashed
+        if iteration in self._saved_iterations:
+            return path  # saved a moment ago (a stop request right after an interval save)
+        target = _replacement_path(path) if is_complete(path) else path
+        if self.info.is_main and target.exists():
+            shutil.rmtree(target)  # leftovers of a save that crashed
         barrier(self.info)
         started = time.time()
-        path.mkdir(parents=True, exist_ok=True)
-        # Before the DCP save: its final gather on rank 0 then proves that every rank file exists.
-        atomic_write_bytes(rank_file(path, self.info.rank), _to_bytes(rank_state))
-        if self.async_save and self._stager is None and not self._staging_memory_fits(state):
-            self.async_save = False  # decided together by every rank (DCP's save and async_save must not mix)
-        if self.async_save:
-            upload = self._async_save(_plain_containers(state), path)
-            self._pending = self._complete_when_done(upload, iteration, path, started)
-            self._pending_path = path
-            log.debug("checkpoint %s staged in %.2f s; writing in the background", path, time.time() - started)
-            if wait:
-                self.wait()
-        else:
-            dcp.save(state, checkpoint_id=str(path), process_group=self._process_group())
-            self._complete(iteration, path, started, asynchronous=False)
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            # Before the DCP save: its final gather on rank 0 then proves that every rank file exists.
+            atomic_write_bytes(rank_file(target, self.info.rank), _to_bytes(rank_state))
+            if self.async_save and self._stager is None and not self._staging_memory_fits(state):
+                self.async_save = False  # decided together by every rank (DCP's save and async_save must not mix)
+            if self.async_save:
+                upload = self._async_save(_plain_containers(state), target)
+                self._pending = self._complete_when_done(upload, iteration, target, started, _tensor_bytes(state))
+                self._pending_path = target
+                log.debug("checkpoint %s staged in %.2f s; writing in the background", path, time.time() - started)
+            else:
+                dcp.save(state, checkpoint_id=str(target), process_group=self._process_group())
+                self._complete(iteration, target, started, asynchronous=False)
+        except Exception as error:
+            explained = _explain_save_failure(error, target, _tensor_bytes(state))
+            if explained is error:
+                raise
+            raise explained from error
+        self._saved_iterations.add(iteration)
+        if self.async_save and wait:
+            self.wait()
+        elif not self.async_save:
             barrier(self.info)
         return path
 
@@ -291,7 +330,7 @@ class CheckpointManager:
             return False
         return True
 
-    def _complete_when_done(self, upload: Future, iteration: int, path: Path, started: float) -> Future:
+    def _complete_when_done(self, upload: Future, iteration: int, path: Path, started: float, nbytes: int) -> Future:
         done: Future = Future()
 
         def finish(upload_future: Future) -> None:
@@ -300,19 +339,27 @@ class CheckpointManager:
                 self._complete(iteration, path, started, asynchronous=True)
                 done.set_result(path)
             except BaseException as error:  # surfaces in wait(): the training loop must hear of a failed save
-                log.error("asynchronous save of %s failed: %s", path, error)
-                done.set_exception(error)
+                explained = _explain_save_failure(error, path, nbytes) if isinstance(error, Exception) else error
+                if explained is not error:
+                    explained.__cause__ = error
+                log.error("asynchronous save of %s failed: %s", path, explained)
+                done.set_exception(explained)
 
         upload.add_done_callback(finish)
         return done
 
-    def _complete(self, iteration: int, path: Path, started: float, asynchronous: bool) -> None:
+    def _complete(self, iteration: int, written: Path, started: float, asynchronous: bool) -> None:
+        """Rank 0: the marker, then (for a replacement) the swap into place, then pruning."""
         if not self.info.is_main:
             return
         seconds = time.time() - started
         marker = {"iteration": iteration, "world_size": self.info.world_size, "saved_at": time.time(),
                   "seconds": round(seconds, 3), "async": asynchronous}
-        atomic_write_bytes(path / COMPLETE_MARKER, json.dumps(marker).encode())
+        atomic_write_bytes(written / COMPLETE_MARKER, json.dumps(marker).encode())
+        path = self.path_for(iteration)
+        if written != path:
+            _swap_into_place(written, path)
+            log.warning("replaced the earlier checkpoint %s (damaged, or of an earlier run) with this run's", path)
         self._prune(newest=path)
         log.info("saved checkpoint %s in %.1f s%s", path, seconds, " (in the background)" if asynchronous else "")
 
@@ -326,8 +373,10 @@ class CheckpointManager:
             # Remove the marker first: a crash mid-delete must not leave a "complete" half checkpoint.
             (old / COMPLETE_MARKER).unlink(missing_ok=True)
             shutil.rmtree(old, ignore_errors=True)
+        newest_iteration = int(_CHECKPOINT_NAME.match(newest.name).group(1))
         for child in self.directory.iterdir():
-            if _CHECKPOINT_NAME.match(child.name) and child.name < newest.name and not is_complete(child):
+            match = _CHECKPOINT_NAME.match(child.name) or _REPLACEMENT_NAME.match(child.name)
+            if match and int(match.group(match.re.groups)) < newest_iteration and not is_complete(child):
                 shutil.rmtree(child, ignore_errors=True)
 
     # -- loading --
@@ -367,6 +416,21 @@ class CheckpointManager:
         return [_load_rank_file(rank_file(path, rank)) for rank in range(self.saved_world_size(path))]
 
 
+def verify_together(path: str | Path, check_crc: bool = True, info: DistributedInfo = DistributedInfo()) -> list[str]:
+    """Collective over ``info``'s ranks (each checks its share): the problems of a checkpoint directory or a
+    torch.save file, one sentence each naming the file; empty when it is intact."""
+    path = Path(path)
+    if path.is_file():
+        problems = verify_torch_file(path, check_crc, part=info.rank, num_parts=info.world_size)
+    else:
+        problems = verify_checkpoint(path, check_crc, part=info.rank, num_parts=info.world_size)
+    if info.world_size > 1:
+        gathered: list[list[str] | None] = [None] * info.world_size
+        dist.all_gather_object(gathered, problems)
+        problems = list(dict.fromkeys(p for rank_problems in gathered for p in rank_problems or []))
+    return problems
+
+
 def checkpoint_entries(path: str | Path) -> set[str]:
     """The top-level entries of a DCP checkpoint (student, ema, fake_score, optim_student, ...)."""
     return {key.split(".", 1)[0] for key in read_metadata(Path(path)).state_dict_metadata}
@@ -380,6 +444,92 @@ def iteration_of(path: str | Path) -> int:
     if is_complete(Path(path)):
         return int(read_marker(Path(path))["iteration"])
     raise ValueError(f"{path} is not a checkpoint directory (expected a name like iter_000001000)")
+
+
+def _replacement_path(path: Path) -> Path:
+    """Where a checkpoint that replaces the complete one at ``path`` is written (hidden: no reader lists it)."""
+    return path.with_name(f".{path.name}.replacing")
+
+
+def _swap_into_place(new: Path, path: Path) -> None:
+    """Put the complete checkpoint ``new`` where ``path`` is and delete the old one: one atomic exchange where the
+    file system has it, else two renames (in between, ``complete_checkpoints`` lists ``new`` for that iteration)."""
+    if _exchange_directories(new, path):
+        shutil.rmtree(new, ignore_errors=True)  # it now holds the old checkpoint
+        return
+    old = path.with_name(f".{path.name}.replaced")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange_directories(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_cwd = -100
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _explain_save_failure(error: Exception, path: Path, nbytes: int) -> Exception:
+    """A full disk as one sentence naming the checkpoint (writers report it as ENOSPC, or, from DCP's writer
+    process, only as a torch.save position error); any other failure unchanged."""
+    free = _free_bytes(path)
+    if not _is_disk_full(error) and (free is None or free >= nbytes):
+        return error
+    detail = " ".join(str(error).split())[:200]
+    free_text = "" if free is None else f" with {_human_bytes(free)} free on its file system"
+    return CheckpointSaveError(
+        f"no space left on device: saving checkpoint {path} failed{free_text} (this rank's share of the state is "
+        f"~{_human_bytes(nbytes)}); free some space or move the run directory, then run again to resume from the "
+        f"latest complete checkpoint (the writer said: {detail})")
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """Whether ENOSPC or EDQUOT is anywhere in the chain of ``error`` (DCP wraps each rank's failure)."""
+    stack, seen = [error], set()
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(current) or "Disk quota exceeded" in str(current):
+            return True
+        stack += [current.__cause__, current.__context__]
+        failures = getattr(current, "failures", None)  # CheckpointException: rank → (exception, traceback)
+        if isinstance(failures, Mapping):
+            stack += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    return False
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Bytes an unprivileged writer may still use on the file system of ``path`` (or of its nearest existing parent)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+def _human_bytes(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024:
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} TiB"
 
 
 def _staged_tensors(tree: Any):

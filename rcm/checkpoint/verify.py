@@ -6,7 +6,6 @@ with an unrelated message), so resume and `python -m checkpoints_util verify` ru
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import pickle
@@ -15,13 +14,12 @@ from pathlib import Path
 
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
+from rcm.checkpoint.layout import (COMPLETE_MARKER, METADATA_FILE, ZIP_MAGIC, CheckpointCorruptError, read_marker,
+                                   rank_file)
 from rcm.checkpoint.torch_zip import ZipFormatError, crc32_of_range, read_records
 
-METADATA_FILE = ".metadata"
-
-
-class CheckpointCorruptError(RuntimeError):
-    """A checkpoint file is missing, truncated or damaged; the message names the file."""
+__all__ = ["CheckpointCorruptError", "METADATA_FILE", "read_metadata", "verify_checkpoint", "verify_dcp",
+           "verify_torch_file", "torch_file_problem"]
 
 
 def read_metadata(path: str | Path) -> Metadata:
@@ -113,16 +111,45 @@ def _check_item(fd: int, metadata: Metadata, index, info, check_crc: bool) -> st
     return None
 
 
-def verify_torch_file(file: str | Path, check_crc: bool = True) -> list[str]:
-    """Problems of a torch.save file (a `.pth` or a per-rank state file), one sentence each."""
+def torch_file_problem(file: str | Path) -> str | None:
+    """Why ``file`` cannot be a torch.save file at all (missing, empty, a text file...), in one sentence; else None.
+
+    Reads four bytes: the cheap check before any ``torch.load``, whose own errors (an mmap or pickle message)
+    name neither the file nor the cause.
+    """
+    file = Path(file)
+    if not file.exists():
+        return f"{file} does not exist"
+    if not file.is_file():
+        return f"{file} is a directory, not a torch checkpoint file"
+    with open(file, "rb") as f:
+        head = f.read(len(ZIP_MAGIC))
+    if not head:
+        return f"{file} is empty, not a torch checkpoint"
+    if head != ZIP_MAGIC:
+        shown = head.decode("ascii", "replace") if head.isascii() and head.decode("ascii").isprintable() else head.hex()
+        return (f"{file} is not a torch checkpoint (torch.save files are zip archives starting with 'PK'; this one "
+                f"starts with {shown!r})")
+    return None
+
+
+def verify_torch_file(file: str | Path, check_crc: bool = True, part: int = 0, num_parts: int = 1) -> list[str]:
+    """Problems of a torch.save file (a `.pth` or a per-rank state file), one sentence each.
+
+    ``part``/``num_parts`` split the CRC checks of the records between several ranks.
+    """
     file = Path(file)
     if not file.is_file():
         return [f"{file} is missing"]
+    problem = torch_file_problem(file)
+    if problem:
+        return [problem]
     fd = os.open(file, os.O_RDONLY)
     try:
         records = read_records(fd)
         if check_crc:
-            bad = [r.name for r in records if crc32_of_range(fd, r.data_offset, r.size) != r.crc]
+            mine = records[part::num_parts]
+            bad = [r.name for r in mine if crc32_of_range(fd, r.data_offset, r.size) != r.crc]
             if bad:
                 return [f"{file}: CRC-32 mismatch in {len(bad)} record(s), e.g. '{bad[0]}': the bytes were changed after saving"]
     except ZipFormatError as error:
@@ -134,17 +161,14 @@ def verify_torch_file(file: str | Path, check_crc: bool = True) -> list[str]:
 
 def verify_checkpoint(path: str | Path, check_crc: bool = True, part: int = 0, num_parts: int = 1) -> list[str]:
     """Problems of one training checkpoint directory: the DCP shards, the per-rank files and the marker."""
-    from rcm.checkpoint.manager import COMPLETE_MARKER
-
     path = Path(path)
     problems = verify_dcp(path, check_crc, part, num_parts)
-    marker = path / COMPLETE_MARKER
-    if not marker.is_file():
+    if not (path / COMPLETE_MARKER).is_file():
         return problems
     try:
-        world_size = int(json.loads(marker.read_text())["world_size"])
-    except (ValueError, KeyError, TypeError) as error:
-        return problems + [f"{marker} is unreadable ({error})"]
+        world_size = int(read_marker(path)["world_size"])
+    except CheckpointCorruptError as error:
+        return problems + [str(error)]
     for rank in range(part, world_size, num_parts):
-        problems += verify_torch_file(path / f"rank_{rank:05d}.pt", check_crc)
+        problems += verify_torch_file(rank_file(path, rank), check_crc)
     return problems

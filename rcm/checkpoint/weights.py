@@ -1,8 +1,16 @@
-"""Loading network weights alone (teacher, evaluation, fine-tuning) from a `.pth` file, `.safetensors` (one file
-or a directory of shards, as the official Wan2.1 DiT is published), a DCP checkpoint or a run directory."""
+"""Loading network weights alone (teacher, evaluation, generation, data building, fine-tuning) from a `.pth` file,
+`.safetensors` (one file or a directory of shards, as the official Wan2.1 DiT is published), a DCP checkpoint or a
+run directory.
+
+The one load path of every consumer: ``resolve_checkpoint`` verifies what it returns (CRC-32s of every shard, the
+per-rank files, the marker), a run directory falling back from a damaged checkpoint to the newest intact one with
+a warning naming the damaged file; ``load_model_weights`` then refuses weights that are not finite, and files that
+hold no state dict, in one sentence naming the file.
+"""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import MutableMapping
 from pathlib import Path
 
@@ -14,42 +22,133 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm import tqdm
 
-from rcm.checkpoint.manager import CheckpointManager, is_complete
-from rcm.checkpoint.verify import read_metadata
+from rcm.checkpoint.layout import METADATA_FILE, CheckpointCorruptError, NotACheckpointError
+from rcm.checkpoint.manager import CheckpointManager, is_complete, verify_together
+from rcm.checkpoint.verify import read_metadata, torch_file_problem
+from rcm.parallel.distributed import DistributedInfo
+
+log = logging.getLogger(__name__)
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "net.", "model.")
 EMA_KEYS = ("ema", "ema_state_dict", "model_ema")
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run directory resolves to its latest complete checkpoint; anything else must exist."""
+def resolve_checkpoint(path: str | Path, verify: bool = True) -> Path:
+    """The checkpoint to read for ``path``, verified (unless ``verify`` is False): a run directory resolves to its
+    newest intact checkpoint (damaged newer ones are skipped with a warning); a checkpoint directory or `.pth` must
+    be intact. Collective when torch.distributed is initialized (the ranks split the CRC work): call it on every
+    rank. Raises one sentence naming the file when nothing usable is there."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
-    if path.is_dir() and not is_complete(path) and not (path / ".metadata").exists() and not safetensors_files(path):
-        latest = CheckpointManager(path / "checkpoints").latest()
+    info = _current_ranks()
+    if path.is_dir() and not is_complete(path) and not (path / METADATA_FILE).exists() and not safetensors_files(path):
+        manager = CheckpointManager(path / "checkpoints", info)
+        latest = manager.latest_loadable(check_crc=True) if verify else manager.latest()
         if latest is None:
             raise FileNotFoundError(
                 f"{path} holds no weights: no DCP .metadata, no *.safetensors and no complete checkpoint in "
                 f"{path / 'checkpoints'}; pass a .pth/.safetensors file, a directory of safetensors shards, a DCP "
                 "checkpoint or a training run directory")
+        if verify:
+            _remember_verified(latest)
         return latest
+    if path.is_file() and not is_safetensors(path):
+        problem = torch_file_problem(path)
+        if problem:
+            raise NotACheckpointError(problem)
+    if verify and not is_safetensors(path) and not _already_verified(path):  # safetensors files carry no checksums
+        problems = verify_together(path, check_crc=True, info=info)
+        if problems:
+            raise CheckpointCorruptError(f"checkpoint {path} is damaged: " + "; ".join(problems[:3]))
+        _remember_verified(path)
     return path
 
 
-def load_model_weights(model: nn.Module, path: str | Path, prefer: str = "ema") -> str:
-    """Load weights into ``model`` (strict); returns what was read: a DCP entry ('ema', 'student'), 'dcp' (a plain
-    model checkpoint), 'pth' or 'safetensors'."""
-    path = resolve_checkpoint(path)
+# Checkpoints this process verified, keyed by every file's size and time stamp: loading one again (resolve, then
+# load) does not read it twice, and any change to a file makes it count as unverified.
+_VERIFIED: set[tuple] = set()
+
+
+def _verification_key(path: Path) -> tuple:
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    return (str(path.resolve()), *((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()))
+
+
+def _already_verified(path: Path) -> bool:
+    return _verification_key(path) in _VERIFIED
+
+
+def _remember_verified(path: Path) -> None:
+    _VERIFIED.add(_verification_key(path))
+
+
+def _current_ranks() -> DistributedInfo:
+    """This process's place in the initialized process group (a lone process when there is none)."""
+    if dist.is_available() and dist.is_initialized():
+        return DistributedInfo(rank=dist.get_rank(), world_size=dist.get_world_size())
+    return DistributedInfo()
+
+
+def load_model_weights(model: nn.Module, path: str | Path, prefer: str = "ema", verify: bool = True) -> str:
+    """Load weights into ``model`` (strict) from a verified checkpoint (see ``resolve_checkpoint``, collective like
+    it unless ``verify`` is False) and check that they are finite; returns what was read: a DCP entry ('ema',
+    'student'), 'dcp' (a plain model checkpoint), 'pth' or 'safetensors'."""
+    path = resolve_checkpoint(path, verify=verify)
     if is_safetensors(path):
         load_state_dict_strict(model, SafetensorsState(path), source=str(path))
-        return "safetensors"
-    if path.is_dir():
-        return _load_from_dcp(model, path, prefer)
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    state = unwrap_state_dict(state, prefer_ema=prefer == "ema")
-    load_state_dict_strict(model, state, source=str(path))
-    return "pth"
+        kind = "safetensors"
+    elif path.is_dir():
+        kind = _load_from_dcp(model, path, prefer)
+    else:
+        state = load_torch_file(path)
+        if not isinstance(state, dict):
+            raise NotACheckpointError(f"{path} holds {describe_object(state)}, not a state dict of network weights")
+        state = unwrap_state_dict(state, prefer_ema=prefer == "ema")
+        load_state_dict_strict(model, state, source=str(path))
+        kind = "pth"
+    raise_on_non_finite(model, str(path))
+    return kind
+
+
+def load_torch_file(path: str | Path) -> object:
+    """``torch.load`` of a weights-only `.pth` (memory-mapped, on the CPU), one sentence naming the file when it is
+    not a torch checkpoint or cannot be read."""
+    path = Path(path)
+    problem = torch_file_problem(path)
+    if problem:
+        raise NotACheckpointError(problem)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        raise CheckpointCorruptError(f"{path} cannot be read as a torch checkpoint ({type(error).__name__}: "
+                                     f"{' '.join(str(error).split())[:200]}); `python -m checkpoints_util verify "
+                                     f"{path}` checks it") from error
+
+
+def describe_object(value: object) -> str:
+    """A few words on what a loaded object is: 'a list of 3 items', 'a tensor of shape (4, 8)', 'an int'."""
+    if torch.is_tensor(value):
+        return f"a single tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (list, tuple, dict, set)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    name = type(value).__name__
+    return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
+
+
+def raise_on_non_finite(model: nn.Module, source: str) -> None:
+    """Raise CheckpointCorruptError naming ``source`` and the first tensor when loaded weights hold NaN or Inf
+    (a diverged run's checkpoint, or damage no checksum covers); collective for a sharded model."""
+    bad = next((name for name, tensor in model.state_dict().items() if tensor.is_floating_point()
+                and not bool(torch.isfinite(tensor.to_local() if isinstance(tensor, DTensor) else tensor).all())), None)
+    if any(isinstance(p, DTensor) for p in model.parameters()) and dist.is_initialized():
+        flag = torch.tensor([0 if bad is None else 1], device=next(model.parameters()).device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and bad is None:
+            bad = "a tensor on another rank"
+    if bad is not None:
+        raise CheckpointCorruptError(f"{source} holds non-finite weights (NaN or Inf in {bad}); use an earlier "
+                                     "checkpoint of the run")
 
 
 def safetensors_files(path: Path) -> list[Path]:
@@ -146,7 +245,14 @@ def _load_from_dcp(model: nn.Module, path: Path, prefer: str) -> str:
                                  "read it into its own layout; load it before sharding, or convert the checkpoint")
             target = target.view(stored[name].shape)
         targets[prefix + name] = target
-    dcp.load(targets, checkpoint_id=str(path))  # copies cast to the model's dtype
+    try:
+        dcp.load(targets, checkpoint_id=str(path))  # copies cast to the model's dtype
+    except BaseException as error:  # DCP wraps reader errors in CheckpointException, a BaseException
+        if not isinstance(error, Exception) and type(error).__name__ != "CheckpointException":
+            raise
+        raise CheckpointCorruptError(f"cannot read the weights of checkpoint {path} ({type(error).__name__}: "
+                                     f"{' '.join(str(error).split())[:300]}); `python -m checkpoints_util verify "
+                                     f"{path}` checks it") from error
     return entry or "dcp"
 
 

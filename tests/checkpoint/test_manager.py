@@ -134,7 +134,9 @@ def test_truncated_shard_gives_an_error_naming_the_file(tmp_path):
     os.truncate(shard, shard.stat().st_size // 3)
     with pytest.raises(CheckpointCorruptError, match=rf"{shard}.*truncated"):
         manager.load(path, zeros_like_state(training_state(7)))
-    assert manager.latest_loadable() is None
+    with pytest.raises(CheckpointCorruptError, match=rf"every checkpoint in {tmp_path} is damaged \({shard} is truncated"):
+        manager.latest_loadable()  # not a silent restart: the run's work would be thrown away
+    assert CheckpointManager(tmp_path, restart_if_all_damaged=True).latest_loadable() is None
 
 
 def test_damaged_rank_file_and_metadata_are_named(tmp_path):
