@@ -13,7 +13,10 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 
 from rcm.checkpoint.manager import ASYNC_MODES
+from rcm.distill.dcm import check_skip_interval
+from rcm.distill.dmd import FIXED_INTERMEDIATE_TIMES
 from rcm.distill.time import TimeSamplerConfig, as_time_sampler_config
+from rcm.distill.trigflow import check_guidance_scale, uses_guidance
 from rcm.models.wan_dit import WanDiTConfig
 from rcm.parallel.mesh import parallel_config_problems
 
@@ -46,9 +49,14 @@ class DistillConfig:
     scm_time: TimeSamplerConfig = field(default_factory=lambda: TimeSamplerConfig("lognormal", 0.7, 1.6))
     dmd_time: TimeSamplerConfig = field(default_factory=lambda: TimeSamplerConfig("uniform_shift", shift=5.0))
     dmd_fix_timesteps: bool = False
-    dcm_num_steps: int = 48
+    # DMD backward simulation: n = (k mod max_simulation_steps) + 1 student steps, k the student's or critic's counter
+    max_simulation_steps: int = 4
+    dcm_num_steps: int = 48  # dCM: Δ = 1/dcm_num_steps of (unshifted) RF time
+    dcm_skip_interval: int = 1  # dCM: the teacher walks m = this many Δ-steps between the two student calls
     dcm_shift: float = 5.0
     ema_sigma_rel: float = 0.1
+    # σ_max of the student's samples drawn for this run's validation and evaluation (rcm.evaluate's default)
+    sample_sigma_max: float = 80.0
     # flow_matching (teacher pretraining) only
     flow_matching_time: TimeSamplerConfig = field(default_factory=lambda: TimeSamplerConfig("uniform_shift", shift=3.0))
     unconditional_probability: float = 0.1
@@ -118,6 +126,8 @@ class ParallelConfig:
     compile: bool = False  # torch.compile each block (fuses Wan's float32 elementwise work; first steps compile)
     compile_backend: str = "inductor"  # torch.compile backend; aot_eager traces without generating kernels (tests)
     activation_checkpointing_every: int = 0  # 0: off; k: checkpoint every k-th block (1: all)
+    # block: recompute whole blocks (the 1.3B recipe); mm_only: keep matmul outputs, recompute the rest (14B)
+    activation_checkpointing: str = "block"
     grad_accumulation: int = 1  # micro-batches per step; train.batch_size is split into them
     reshard_after_forward: bool = True  # FSDP2: free gathered weights after forward (less memory, one more all-gather)
     param_dtype: str = "bfloat16"  # FSDP2 mixed precision, CUDA only: weights all-gathered and used in this dtype
@@ -171,10 +181,9 @@ def validate_config(cfg: Any) -> None:
         raise ConfigError(f"distill.method must be one of {', '.join(METHODS)}, got '{distill.method}'")
     if distill.method != "flow_matching" and not distill.teacher_checkpoint:
         raise ConfigError(f"distill.teacher_checkpoint is required for method '{distill.method}'")
-    if distill.student_update_freq < 1:
-        raise ConfigError("distill.student_update_freq must be at least 1")
-    if distill.guidance_scale != 1.0 and not data.negative_embedding:
-        raise ConfigError("data.negative_embedding is required when distill.guidance_scale != 1 (CFG's unconditional branch)")
+    _validate_distill(distill)
+    if uses_guidance(distill.guidance_scale) and not data.negative_embedding:
+        raise ConfigError("data.negative_embedding is required when distill.guidance_scale > 1 (CFG's unconditional branch)")
     if len(data.latent_shape) != 4:
         raise ConfigError(f"data.latent_shape must be [C, T, H, W], got {list(data.latent_shape)}")
     if data.latent_shape[0] != cfg.model.in_channels:
@@ -197,6 +206,26 @@ def validate_config(cfg: Any) -> None:
         _validate_parallel(parallel, cfg.model, data.latent_shape, train.batch_size)
     for key in ("scm_time", "dmd_time", "flow_matching_time"):
         as_time_sampler_config(distill[key])
+
+
+def _validate_distill(distill: Any) -> None:
+    if distill.student_update_freq < 1:
+        raise ConfigError("distill.student_update_freq must be at least 1")
+    if distill.tangent_warmup < 0:
+        raise ConfigError(f"distill.tangent_warmup must be at least 0 (0: no warmup), got {distill.tangent_warmup}")
+    try:
+        check_guidance_scale(distill.guidance_scale, "distill.guidance_scale")
+        check_skip_interval(distill.dcm_skip_interval, distill.dcm_num_steps)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if not distill.sample_sigma_max > 0:
+        raise ConfigError(f"distill.sample_sigma_max must be positive, got {distill.sample_sigma_max}")
+    if distill.dcm_num_steps < 2:
+        raise ConfigError(f"distill.dcm_num_steps must be at least 2, got {distill.dcm_num_steps}")
+    most = len(FIXED_INTERMEDIATE_TIMES) + 1 if distill.dmd_fix_timesteps else None
+    if distill.max_simulation_steps < 1 or (most and distill.max_simulation_steps > most):
+        raise ConfigError(f"distill.max_simulation_steps must be at least 1{f' and at most {most} with distill.dmd_fix_timesteps' if most else ''}, "
+                          f"got {distill.max_simulation_steps}")
 
 
 def _optional_section(cfg: Any, name: str) -> Any:

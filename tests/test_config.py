@@ -44,6 +44,41 @@ def test_wan_experiments_compose_and_mesh(experiment, preset, world_size, mesh):
     cfg = load_config([f"experiment={experiment}", "distill.teacher_checkpoint=teacher.pth", "data.shards=d/",
                        "data.negative_embedding=n.pt"])
     assert dict(cfg.model) == {**dict(load_model_preset(preset)), "attention_backend": "triton"}
-    assert (cfg.distill.method, cfg.optim.lr, cfg.optim.lr_fake_score) == ("rcm", 2.0e-6, 4.0e-7)
+    d = cfg.distill
+    if experiment == "wan1.3b_rcm":  # rcm_spec.md §4
+        assert (cfg.optim.lr, cfg.optim.lr_fake_score, d.student_update_freq, d.tangent_warmup) == (2.0e-6, 4.0e-7, 5, 1000)
+        assert (d.scm_time.p_mean, d.sample_sigma_max, cfg.data.latent_shape[1]) == (0.7, 80.0, 20)
+        assert cfg.parallel.activation_checkpointing == "block"
+    else:  # §4b
+        assert (cfg.optim.lr, cfg.optim.lr_fake_score, d.student_update_freq, d.tangent_warmup) == (1.0e-6, 1.0e-7, 10, 0)
+        assert (d.scm_time.p_mean, d.scm_time.p_std, d.sample_sigma_max, cfg.data.latent_shape[1]) == (1.5, 1.6, 200.0, 21)
+        assert cfg.parallel.activation_checkpointing == "mm_only"
+    assert (d.method, d.guidance_scale, d.dmd_time.kind, d.dmd_time.shift) == ("rcm", 5.0, "uniform_shift", 5.0)
     dims = resolve_parallel_dims(cfg.parallel, world_size)
     assert (dims.dp_replicate, dims.dp_shard, dims.cp) == mesh
+
+
+@pytest.mark.parametrize("override,key", [
+    ("distill.dcm_skip_interval=0", "distill.dcm_skip_interval"),
+    ("distill.dcm_skip_interval=48", "distill.dcm_skip_interval"),
+    ("distill.guidance_scale=-0.5", "distill.guidance_scale"),
+    ("parallel.activation_checkpointing=everything", "parallel.activation_checkpointing"),
+    ("distill.max_simulation_steps=0", "distill.max_simulation_steps"),
+])
+def test_bad_recipe_values_name_their_key(override, key):
+    """A dCM skipping interval outside [1, 48), a negative guidance or an unknown checkpointing policy fails with
+    one sentence naming the key."""
+    from rcm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as error:
+        load_config(["experiment=toy_dcm", override])
+    assert "\n" not in str(error.value)
+
+
+def test_guidance_at_most_one_needs_no_negative_embedding():
+    """w ≤ 1 skips the unconditional branch, so no negative prompt is needed; w > 1 needs it."""
+    from rcm.config import ConfigError, load_config
+
+    assert load_config(["experiment=toy_rcm", "distill.guidance_scale=0.5", "data.negative_embedding=null"])
+    with pytest.raises(ConfigError, match="data.negative_embedding"):
+        load_config(["experiment=toy_rcm", "distill.guidance_scale=1.5", "data.negative_embedding=null"])

@@ -1,8 +1,9 @@
 """One training iteration of every method: which network updates, and its loss.
 
-The schedule (spec §4): during the tangent warmup only the student trains (sCM alone). Afterwards,
-for methods with a fake score (rCM, DMD), every ``student_update_freq``-th iteration is a student step
-(sCM + DMD gradients summed) and the others update the fake score.
+The schedule (rcm_spec.md §4, ``rcm.distill.schedule``): during the tangent warmup only the student trains
+(sCM alone). Afterwards, for methods with a fake score (rCM, DMD), every ``student_update_freq``-th iteration
+counted from the warmup's end is a student step (sCM + DMD gradients summed) and the others update the fake
+score. Each loss is summed over a sample's elements and averaged over the batch (docs/recipe.md says why).
 """
 from __future__ import annotations
 
@@ -12,40 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from rcm.distill import dcm, dmd
+from rcm.distill import dcm, dmd, schedule
 from rcm.distill.flow_matching import flow_matching_loss
+# Re-exported: callers name the roles and ask about the method through this module.
+from rcm.distill.schedule import FAKE_SCORE, STUDENT, dmd_active, step_kind, uses_fake_score, uses_scm  # noqa: F401
 from rcm.distill.scm import scm_loss
 from rcm.distill.time import TimeSamplerConfig, as_time_sampler_config, sample_rf_time, sample_trig_time
 from rcm.distill.trigflow import denoise, guided_denoise, noisy
-
-STUDENT = "student"
-FAKE_SCORE = "fake_score"
-
-
-def uses_scm(method: str, loss_scale: float) -> bool:
-    """Whether the sCM term is active."""
-    return method in ("rcm", "scm") and loss_scale > 0
-
-
-def uses_fake_score(method: str, loss_scale_dmd: float) -> bool:
-    """Whether a fake score (critic) is trained, i.e. DMD is active."""
-    return method in ("rcm", "dmd") and loss_scale_dmd > 0
-
-
-def step_kind(iteration: int, method: str, tangent_warmup: int, student_update_freq: int, loss_scale_dmd: float) -> str:
-    """Which network iteration ``iteration`` (0-based) updates: STUDENT or FAKE_SCORE."""
-    if not uses_fake_score(method, loss_scale_dmd):
-        return STUDENT
-    if method == "rcm" and iteration < tangent_warmup:
-        return STUDENT
-    return STUDENT if iteration % student_update_freq == 0 else FAKE_SCORE
-
-
-def dmd_active(iteration: int, method: str, tangent_warmup: int, loss_scale_dmd: float) -> bool:
-    """DMD joins the student loss after the sCM warmup (rCM) or from the start (DMD-only)."""
-    if not uses_fake_score(method, loss_scale_dmd):
-        return False
-    return method == "dmd" or iteration >= tangent_warmup
 
 
 @dataclass
@@ -87,18 +61,31 @@ class Distiller:
         with torch.no_grad():
             return guided_denoise(self.teacher, x_t, t, context, self.negative_embedding, self.cfg.guidance_scale)
 
+    def _schedule_args(self) -> tuple:
+        c = self.cfg
+        return self.method, c.tangent_warmup, c.student_update_freq, c.loss_scale_dmd
+
     def kind(self, iteration: int) -> str:
         """STUDENT or FAKE_SCORE for this iteration."""
-        c = self.cfg
-        return step_kind(iteration, self.method, c.tangent_warmup, c.student_update_freq, c.loss_scale_dmd)
+        return step_kind(iteration, *self._schedule_args())
 
-    def loss(self, batch: dict[str, torch.Tensor], iteration: int, student_iteration: int) -> StepResult:
-        """The loss of this iteration's step for the network ``kind(iteration)`` names."""
+    def simulation_steps(self, iteration: int) -> int:
+        """Backward-simulation steps of this iteration's DMD generator: from the student's counter k_s at a
+        student step, from the critic's own counter k_c at a fake-score step."""
+        counter = schedule.student_iteration if self.kind(iteration) == STUDENT else schedule.critic_iteration
+        return schedule.num_simulation_steps(counter(iteration, *self._schedule_args()), self.cfg.max_simulation_steps)
+
+    def loss(self, batch: dict[str, torch.Tensor], iteration: int, student_iteration: int | None = None) -> StepResult:
+        """The loss of this iteration's step for the network ``kind(iteration)`` names.
+
+        Every counter the step needs derives from ``iteration`` (``rcm.distill.schedule``); ``student_iteration``
+        is accepted for callers that keep their own count and is not used.
+        """
         if self.method == "flow_matching":
             return self._flow_matching(batch)
         if self.kind(iteration) == FAKE_SCORE:
-            return self._fake_score_step(batch, student_iteration)
-        return self._student_step(batch, iteration, student_iteration)
+            return self._fake_score_step(batch, iteration)
+        return self._student_step(batch, iteration)
 
     def _flow_matching(self, batch) -> StepResult:
         x0, context = batch["latent"], batch["embed"]
@@ -110,7 +97,7 @@ class Distiller:
         loss = flow_matching_loss(self.student, x0, self._randn_like(x0), s, context)
         return StepResult(loss, {"loss/flow_matching": loss.item()})
 
-    def _student_step(self, batch, iteration: int, student_iteration: int) -> StepResult:
+    def _student_step(self, batch, iteration: int) -> StepResult:
         c = self.cfg
         x0, context = batch["latent"], batch["embed"]
         total = x0.new_zeros((), dtype=torch.float64)
@@ -128,26 +115,26 @@ class Distiller:
             total = total + out.loss
             logs.update({"loss/scm": out.loss.item(), "scm/nonfinite": out.num_nonfinite, "scm/g_norm": out.g_norm})
         if dmd_active(iteration, self.method, c.tangent_warmup, c.loss_scale_dmd):
-            generated = self._generate(x0, context, student_iteration, with_grad=True)
+            generated = self._generate(x0, context, self.simulation_steps(iteration), with_grad=True)
             fake_x0, real_x0, _ = self._critic_targets(generated, context, need_real=True)
             out = dmd.dmd_loss(generated, fake_x0, real_x0, c.loss_scale_dmd)
             total = total + out.loss
             logs.update({"loss/dmd": out.loss.item(), "dmd/nonfinite": out.num_nonfinite})
         return StepResult(total, logs)
 
-    def _fake_score_step(self, batch, student_iteration: int) -> StepResult:
+    def _fake_score_step(self, batch, iteration: int) -> StepResult:
         x0, context = batch["latent"], batch["embed"]
         with torch.no_grad():
-            generated = self._generate(x0, context, student_iteration, with_grad=False)
+            generated = self._generate(x0, context, self.simulation_steps(iteration), with_grad=False)
         fake_x0, _, t = self._critic_targets(generated, context, need_real=False, fake_with_grad=True)
         loss = dmd.fake_score_loss(generated, fake_x0, t)
         return StepResult(loss, {"loss/fake_score": loss.item()})
 
-    def _generate(self, like: torch.Tensor, context, student_iteration: int, with_grad: bool) -> torch.Tensor:
+    def _generate(self, like: torch.Tensor, context, num_steps: int, with_grad: bool) -> torch.Tensor:
         c = self.cfg
         batch = like.shape[0]
         times = dmd.backward_simulation_times(
-            dmd.num_simulation_steps(student_iteration), batch, as_time_sampler_config(c.dmd_time), c.dmd_fix_timesteps, self.generator, like.device
+            num_steps, batch, as_time_sampler_config(c.dmd_time), c.dmd_fix_timesteps, self.generator, like.device
         )
         student_x0 = lambda x, t, ctx: denoise(self.student, x, t, ctx)  # noqa: E731
         return dmd.backward_simulation(
@@ -164,11 +151,9 @@ class Distiller:
 
     def _dcm_loss(self, x0, context) -> torch.Tensor:
         c = self.cfg
-        grid = dcm.dcm_rf_grid(c.dcm_num_steps, c.dcm_shift)
-        k = torch.randint(0, c.dcm_num_steps, (x0.shape[0],), generator=self.generator, device=x0.device)
-        t_now, t_next = dcm.dcm_times(k, grid)
-        x_now = noisy(x0, self._randn_like(x0), t_now)
-        x_next = dcm.teacher_euler_step(x_now, t_now, t_next, self._teacher_x0(x_now, t_now, context)).to(x0.dtype)
+        times = dcm.dcm_times(x0.shape[0], c.dcm_num_steps, c.dcm_skip_interval, c.dcm_shift, self.generator, x0.device)
+        x_start = noisy(x0, self._randn_like(x0), times[0])
+        x_end = dcm.teacher_trigflow_walk(lambda x, t: self._teacher_x0(x, t, context), x_start, times)
         with torch.no_grad():
-            target = denoise(self.student, x_next, t_next, context)
-        return dcm.dcm_loss(denoise(self.student, x_now, t_now, context), target, c.loss_scale)
+            target = denoise(self.student, x_end, times[-1], context)
+        return dcm.dcm_loss(denoise(self.student, x_start, times[0], context), target, c.loss_scale)

@@ -24,8 +24,9 @@ def backward_simulation_times(
     device=None,
 ) -> torch.Tensor:
     """Times (num_steps + 1, B), float64: π/2, intermediate times (random non-increasing or fixed), 0."""
-    if not 1 <= num_steps <= 4:
-        raise ValueError(f"backward simulation supports 1 to 4 steps, got {num_steps}")
+    if num_steps < 1 or (fixed and num_steps > len(FIXED_INTERMEDIATE_TIMES) + 1):
+        limit = f"1 to {len(FIXED_INTERMEDIATE_TIMES) + 1}" if fixed else "at least 1"
+        raise ValueError(f"backward simulation takes {limit} steps{' with fixed times' if fixed else ''}, got {num_steps}")
     times = [torch.full((batch,), HALF_PI, dtype=torch.float64, device=device)]
     for i in range(num_steps - 1):
         if fixed:
@@ -96,10 +97,3 @@ def fake_score_loss(generated: torch.Tensor, fake_x0: torch.Tensor, t: torch.Ten
     sin_t = per_sample(torch.sin(t.double()), fake_x0.double())
     per_sample_loss = (((generated.detach().double() - fake_x0.double()) / sin_t) ** 2).flatten(1).sum(1)
     return per_sample_loss.mean()
-
-
-def num_simulation_steps(student_iteration: int) -> int:
-    """The student cycles through 1, 2, 3, 4 generation steps across its updates."""
-    return student_iteration % 4 + 1
-
-

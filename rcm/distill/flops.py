@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rcm.distill.dmd import num_simulation_steps
+from rcm.distill.schedule import num_simulation_steps
 from rcm.models.wan_dit import WanDiTConfig
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name substring: the MFU denominator.

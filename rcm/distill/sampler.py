@@ -6,9 +6,8 @@ from typing import Callable
 
 import torch
 
-from rcm.distill.dcm import teacher_euler_step
 from rcm.distill.dmd import FIXED_INTERMEDIATE_TIMES
-from rcm.distill.time import rf_to_trig, shift_rf_time
+from rcm.distill.time import rf_to_trig, shift_rf_time, trig_to_rf
 from rcm.distill.trigflow import per_sample
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -56,6 +55,16 @@ def sample_student(
         fresh = torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
         x = per_sample(torch.cos(t_next), x0) * x0 + per_sample(torch.sin(t_next), x0) * fresh
     raise AssertionError("unreachable")
+
+
+def teacher_euler_step(x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, teacher_x0: torch.Tensor) -> torch.Tensor:
+    """One flow-matching Euler step of the teacher from t to t_next, taken in RF space (as Wan samples),
+    returned in TrigFlow."""
+    s, s_next = trig_to_rf(t), trig_to_rf(t_next)
+    x_s = x_t / per_sample(torch.cos(t.double()) + torch.sin(t.double()), x_t)
+    velocity_rf = (x_s - teacher_x0) / per_sample(s, x_s)
+    x_s_next = x_s + per_sample(s_next - s, x_s) * velocity_rf
+    return x_s_next * per_sample(torch.cos(t_next) + torch.sin(t_next), x_s_next)
 
 
 def teacher_time_grid(num_steps: int, shift: float) -> torch.Tensor:

@@ -66,6 +66,17 @@ def noisy(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tenso
     return per_sample(torch.cos(t), x0) * x0 + per_sample(torch.sin(t), x0) * noise
 
 
+def check_guidance_scale(guidance_scale: float, key: str = "guidance scale") -> None:
+    """A CFG scale must be a finite number ≥ 0 (≤ 1 means no guidance: the conditional prediction alone)."""
+    if not (guidance_scale >= 0 and guidance_scale != float("inf")):
+        raise ValueError(f"{key} must be a finite number at least 0 (1 or less: no guidance), got {guidance_scale}")
+
+
+def uses_guidance(guidance_scale: float) -> bool:
+    """Whether CFG runs the unconditional branch: only for scales above 1 (rcm_spec.md §4)."""
+    return guidance_scale > 1.0
+
+
 def guided_denoise(
     network: FlowNetwork,
     x_t: torch.Tensor,
@@ -76,10 +87,11 @@ def guided_denoise(
 ) -> torch.Tensor:
     """Classifier-free-guided x0: x0_u + w·(x0_c − x0_u), both branches in one batched forward.
 
-    ``negative_context`` is the embedding of the negative prompt, (L, D) or (B, L, D).
+    ``negative_context`` is the embedding of the negative prompt, (L, D) or (B, L, D). A scale w ≤ 1 skips
+    the unconditional pass and returns the conditional x0 (the reference recipe's "no CFG").
     Guidance on x0 and on the velocity is the same combination, since F is affine in x0.
     """
-    if guidance_scale == 1.0:
+    if not uses_guidance(guidance_scale):
         return denoise(network, x_t, t, context)
     batch = x_t.shape[0]
     if negative_context.dim() == 2:

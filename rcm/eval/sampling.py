@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from rcm.distill.sampler import sample_student, sample_teacher, student_time_grid
-from rcm.distill.trigflow import denoise, guided_denoise, pad_tokens
+from rcm.distill.trigflow import check_guidance_scale, denoise, guided_denoise, pad_tokens, uses_guidance
 
 STUDENT, TEACHER = "student", "teacher"
 
@@ -33,6 +33,7 @@ class SamplerSetting:
             raise ValueError(f"the teacher needs at least 1 step, got {self.steps}")
         if self.kind == STUDENT:
             student_time_grid(self.steps, self.sigma_max, self.mid_times)  # a bad grid fails here, before sampling
+        check_guidance_scale(self.guidance_scale, f"{self.name}: the CFG scale (--guidance)")
 
     def describe(self) -> dict:
         """The setting as a plain dict (recorded in outputs, compared on resume)."""
@@ -55,7 +56,7 @@ def sample_batch(
     if setting.kind == STUDENT:
         x0 = lambda x, t, ctx: denoise(network, x, t, ctx)  # noqa: E731
         return sample_student(x0, noise, context_BLD, setting.steps, setting.sigma_max, generator, setting.mid_times)
-    if setting.guidance_scale != 1.0 and negative_embedding is None:
+    if uses_guidance(setting.guidance_scale) and negative_embedding is None:
         raise ValueError(
             f"{setting.name}: CFG scale {setting.guidance_scale} needs the negative prompt's embedding; "
             "pass --negative-embedding PATH (or --guidance 1)"

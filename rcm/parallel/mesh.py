@@ -27,6 +27,7 @@ from typing import Any
 
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from rcm.parallel.activation_checkpointing import BLOCK, POLICIES as AC_POLICIES
 
 
 
@@ -81,6 +82,9 @@ def parallel_config_problems(config: Any, num_heads: int | None = None, num_toke
     every = config.activation_checkpointing_every
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         problems.append(f"parallel.activation_checkpointing_every must be 0 (off) or k ≥ 1 (every k-th block), got {every!r}.")
+    ac_policy = getattr(config, "activation_checkpointing", BLOCK)
+    if ac_policy not in AC_POLICIES:
+        problems.append(f"parallel.activation_checkpointing must be one of {', '.join(AC_POLICIES)}, got {ac_policy!r}.")
     for key in ("param_dtype", "reduce_dtype"):
         if getattr(config, key) not in ("float32", "bfloat16"):
             problems.append(f"parallel.{key} must be 'float32' or 'bfloat16', got {getattr(config, key)!r}.")

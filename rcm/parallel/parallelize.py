@@ -37,7 +37,8 @@ def parallelize_wan_dit(model: nn.Module, mesh: ParallelMesh | None, config: Any
     if config.compile:
         apply_compile(model, backend=config.compile_backend)
     if not frozen and config.activation_checkpointing_every > 0:
-        apply_activation_checkpointing(model, every=config.activation_checkpointing_every)
+        apply_activation_checkpointing(model, every=config.activation_checkpointing_every,
+                                       policy=getattr(config, "activation_checkpointing", "block"))
     if mesh is None:
         return model
     dims = mesh.dims

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from rcm.config import DistillConfig
 from rcm.distill import dmd
 from rcm.distill.distiller import Distiller
+from rcm.distill.schedule import num_simulation_steps
 from rcm.distill.time import TimeSamplerConfig
 from tests.helpers import tiny_dit, toy_batch
 
@@ -55,7 +56,7 @@ def test_backward_simulation_times():
     assert (random[0] == math.pi / 2).all() and (random[-1] == 0).all()
     with pytest.raises(ValueError):
         dmd.backward_simulation_times(5, 1, TimeSamplerConfig(), fixed=True)
-    assert [dmd.num_simulation_steps(i) for i in range(6)] == [1, 2, 3, 4, 1, 2]
+    assert [num_simulation_steps(i) for i in range(6)] == [1, 2, 3, 4, 1, 2]
 
 
 def test_backward_simulation_keeps_gradient_only_on_the_last_step():

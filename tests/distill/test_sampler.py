@@ -1,12 +1,10 @@
-"""Few-step student sampler, teacher Euler sampler and the dCM Euler step."""
+"""Few-step student sampler and the teacher's flow-matching Euler sampler."""
 import math
 
 import pytest
 import torch
 
-from rcm.distill.dcm import dcm_rf_grid, teacher_euler_step
-from rcm.distill.sampler import sample_student, sample_teacher, student_time_grid, teacher_time_grid
-from rcm.distill.time import rf_to_trig
+from rcm.distill.sampler import sample_student, sample_teacher, student_time_grid, teacher_euler_step, teacher_time_grid
 
 
 def test_student_time_grid():
@@ -63,11 +61,3 @@ def test_teacher_euler_step_stays_on_the_noising_path():
         return torch.cos(time).view(-1, 1, 1, 1, 1) * x0 + torch.sin(time).view(-1, 1, 1, 1, 1) * eps
 
     assert torch.allclose(teacher_euler_step(at(t), t, t_next, x0), at(t_next), atol=1e-12)
-
-
-def test_dcm_grid_is_shifted_and_decreasing():
-    grid = dcm_rf_grid(48, 5.0)
-    assert grid.shape == (49,) and grid[0] == 1.0 and grid[-1] == 0.0
-    assert (grid[:-1] > grid[1:]).all()
-    assert grid[24].item() == pytest.approx(5 * 0.5 / (1 + 4 * 0.5))
-    assert rf_to_trig(grid[:1]).item() == pytest.approx(math.pi / 2)
