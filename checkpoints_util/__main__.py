@@ -18,7 +18,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from rcm.checkpoint.layout import CheckpointCorruptError, NotACheckpointError
 from rcm.checkpoint.manager import COMPLETE_MARKER, CheckpointManager, is_complete, read_marker
+from rcm.cli_errors import UserError, run_cli
 
 DTYPE_CHOICES = ("bf16", "fp16", "fp32")
 
@@ -50,16 +52,21 @@ def inspect_checkpoint(path: Path, summary_only: bool = False) -> int:
     import torch
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from rcm.checkpoint.verify import CheckpointCorruptError, read_metadata
+    from rcm.checkpoint.verify import read_metadata
 
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
     if (path / "checkpoints").is_dir():
         manager = CheckpointManager(path / "checkpoints")
         for child in sorted((path / "checkpoints").iterdir()):
             if child.is_dir():
                 state = "complete" if is_complete(child) else "INCOMPLETE"
                 if is_complete(child):
-                    marker = read_marker(child)
-                    state += f"  world size {marker.get('world_size')}, saved in {marker.get('seconds', '?')} s"
+                    try:
+                        marker = read_marker(child)
+                        state += f"  world size {marker.get('world_size')}, saved in {marker.get('seconds', '?')} s"
+                    except CheckpointCorruptError as error:
+                        state = f"DAMAGED ({error})"
                 print(f"{child.name}  {state}")
         latest = manager.latest()
         print(f"latest complete: {latest.name if latest else 'none'}")
@@ -73,11 +80,16 @@ def inspect_checkpoint(path: Path, summary_only: bool = False) -> int:
         _print_tensors(sorted(rows), summary_only)
         return 0
     if path.is_file():
-        state = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
         from rcm.checkpoint.convert import flatten_tree
+        from rcm.checkpoint.weights import describe_object, load_torch_file
 
+        state = load_torch_file(path)
+        if not isinstance(state, dict):
+            raise NotACheckpointError(f"{path} holds {describe_object(state)}, not a state dict: it is no checkpoint")
         rows = [(".".join(map(str, p)), tuple(t.shape), str(t.dtype).replace("torch.", ""), t.nbytes)
                 for p, t in flatten_tree(state) if torch.is_tensor(t)]
+        if not rows:
+            raise NotACheckpointError(f"{path} holds a dict without any tensor ({len(state)} keys), not a checkpoint")
         _print_tensors(rows, summary_only)
         return 0
     try:
@@ -184,6 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     to_pth.add_argument("--overwrite", action="store_true", help="replace an existing destination")
 
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (FileNotFoundError, FileExistsError, KeyError, ValueError, RuntimeError, UserError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The chosen subcommand; failures on bad input raise (``main`` prints them as one line)."""
     if args.command == "inspect":
         return inspect_checkpoint(args.path, args.summary)
     if args.command == "verify":
@@ -193,27 +215,22 @@ def main(argv: list[str] | None = None) -> int:
     from rcm.checkpoint.weights import is_safetensors
 
     dtype = DTYPES[args.dtype] if args.dtype else None
-    try:
-        if args.command == "pth-to-dcp" and is_safetensors(args.source):
-            if args.select:
-                raise ValueError("--select applies to torch.save files; a safetensors file is flat")
-            report = safetensors_to_dcp(args.source, args.destination, dtype=dtype, strip_prefix=args.strip_prefix,
-                                        add_prefix=args.add_prefix, overwrite=args.overwrite)
-        elif args.command == "pth-to-dcp":
-            report = pth_to_dcp(args.source, args.destination, select=args.select, dtype=dtype,
-                                strip_prefix=args.strip_prefix, add_prefix=args.add_prefix, overwrite=args.overwrite)
-        else:
-            weights = "student" if args.weights == "model" else args.weights
-            report = dcp_to_pth(_resolve_dcp_source(args.source), args.destination, weights=weights, dtype=dtype,
-                                strip_prefix=args.strip_prefix, add_prefix=args.add_prefix, overwrite=args.overwrite,
-                                workers=args.workers)
-    except (FileNotFoundError, FileExistsError, KeyError, ValueError, RuntimeError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+    if args.command == "pth-to-dcp" and is_safetensors(args.source):
+        if args.select:
+            raise ValueError("--select applies to torch.save files; a safetensors file is flat")
+        report = safetensors_to_dcp(args.source, args.destination, dtype=dtype, strip_prefix=args.strip_prefix,
+                                    add_prefix=args.add_prefix, overwrite=args.overwrite)
+    elif args.command == "pth-to-dcp":
+        report = pth_to_dcp(args.source, args.destination, select=args.select, dtype=dtype,
+                            strip_prefix=args.strip_prefix, add_prefix=args.add_prefix, overwrite=args.overwrite)
+    else:
+        weights = "student" if args.weights == "model" else args.weights
+        report = dcp_to_pth(_resolve_dcp_source(args.source), args.destination, weights=weights, dtype=dtype,
+                            strip_prefix=args.strip_prefix, add_prefix=args.add_prefix, overwrite=args.overwrite,
+                            workers=args.workers)
     print(f"{args.source} -> {args.destination}: {report.summary()}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, "checkpoints_util"))

@@ -97,6 +97,8 @@ class TrainConfig:
     resume_from: Optional[str] = None  # run dir, DCP checkpoint or .pth to start from when run_dir has none
     resume_weights_only: bool = False  # from resume_from take only the networks and EMA (fine-tuning, new optimizers)
     verify_on_resume: bool = True  # check every shard's CRC-32 before resuming; a damaged checkpoint is skipped
+    # every checkpoint of run_dir damaged: false stops with the damaged files named; true starts over from iteration 0
+    restart_if_all_damaged: bool = False
     progress_bar: bool = True
 
 

@@ -334,4 +334,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rcm.cli_errors import run_cli
+
+    sys.exit(run_cli(main, "rcm.evaluate"))

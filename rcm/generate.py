@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from rcm.checkpoint.weights import describe_object, load_torch_file
+from rcm.cli_errors import UserError, run_cli
 from rcm.config import config_from_json, json_argument, load_model_preset, model_presets
 from rcm.distill.sampler import sample_student, student_time_grid
 from rcm.distill.trigflow import denoise
@@ -237,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"frames into one latent frame), got {args.num_frames}; e.g. {below} or {below + step}")
     try:
         return generate(parser, args, vae_config, t5_config)
-    except (FileNotFoundError, ValueError, ImportError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, ImportError, UserError) as error:  # a damaged checkpoint is a UserError
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
 
 
@@ -297,10 +299,13 @@ def generate(parser: argparse.ArgumentParser, args: argparse.Namespace, vae_conf
         try:
             network = NetworkSource(Path(args.dit_path), model_cfg).load(args.weights, device, dtype)
         except ValueError as error:
+            if isinstance(error, UserError):  # not a mismatch: the file is no checkpoint, or a damaged one
+                raise UserError(f"--dit_path: {error}") from None
             which = f"--model {args.model}" if args.model else "the run's model"
             raise ValueError(f"--dit_path: {error}. Is {which} the network of this checkpoint? (presets: "
                              f"{', '.join(model_presets())})") from None
         latents = sample_latents(network, contexts, args.num_samples, shape, args, device)
+        raise_on_non_finite_latents(latents, args)
         kept.append(network)
         del network
         release_models(kept, offload, device)
@@ -340,6 +345,14 @@ def generate(parser: argparse.ArgumentParser, args: argparse.Namespace, vae_conf
     print(f"wrote {len(paths)} video(s) of {frames} frames at {width}×{height}, {args.fps} fps, each with its "
           f"latent (.pt) ({_timings(seconds)})")
     return 0
+
+
+def raise_on_non_finite_latents(latents: list[torch.Tensor], args: argparse.Namespace) -> None:
+    """Refuse to write NaN/Inf latents: the weights were checked finite, so the sampling itself overflowed."""
+    bad = sum(1 for latent in latents if not bool(torch.isfinite(latent).all()))
+    if bad:
+        raise UserError(f"sampling gave non-finite latents (NaN or Inf) for {bad} of {len(latents)} sample(s) although "
+                        f"the weights of --dit_path {args.dit_path} are finite; nothing was written (try --dtype float32)")
 
 
 def release_models(kept: list[Any], offload: bool, device: torch.device) -> None:
@@ -422,7 +435,14 @@ def load_embeddings(parser: argparse.ArgumentParser, args: argparse.Namespace, r
         if not Path(args.embedding).is_file():
             raise FileNotFoundError(f"--embedding {args.embedding} does not exist; make one with "
                                     "tools/encode_negative_prompt.py --prompt TEXT, or pass --prompt with --t5_path")
-        embedding = torch.load(args.embedding, map_location="cpu", weights_only=True).float()
+        try:
+            embedding = load_torch_file(args.embedding)
+        except UserError as error:
+            raise UserError(f"--embedding: {error}") from None
+        if not torch.is_tensor(embedding) or not embedding.is_floating_point():
+            raise UserError(f"--embedding {args.embedding} holds {describe_object(embedding)}, not a float tensor of "
+                            "text embeddings (tokens, text_dim) or (prompts, tokens, text_dim)")
+        embedding = embedding.float().clone()  # not a view of the memory-mapped file
     else:
         from rcm.data.toy import ToyMixture
 
@@ -441,4 +461,4 @@ def load_embeddings(parser: argparse.ArgumentParser, args: argparse.Namespace, r
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, "rcm.generate"))

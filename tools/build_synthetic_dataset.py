@@ -208,4 +208,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rcm.cli_errors import run_cli
+
+    sys.exit(run_cli(main, "build_synthetic_dataset"))

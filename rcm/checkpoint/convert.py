@@ -32,8 +32,9 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from rcm.checkpoint.torch_zip import FileSlice, ZipRecord, finish_container, read_records
-from rcm.checkpoint.verify import CheckpointCorruptError, read_metadata
-from rcm.checkpoint.weights import WRAPPER_PREFIXES
+from rcm.checkpoint.layout import NotACheckpointError
+from rcm.checkpoint.verify import CheckpointCorruptError, read_metadata, torch_file_problem
+from rcm.checkpoint.weights import WRAPPER_PREFIXES, describe_object
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TRAINING_ENTRIES = ("student", "ema", "fake_score")  # the network entries of a training checkpoint
@@ -257,7 +258,7 @@ def pth_to_dcp(
             raise KeyError(f"{source} has no sub-dict '{select}' to select (top-level keys: {found})")
         tree = tree[select]
     if not isinstance(tree, dict):
-        raise ValueError(f"{source} holds a {type(tree).__name__}, not a state dict")
+        raise NotACheckpointError(f"{source} holds {describe_object(tree)}, not a state dict")
     if strip_prefix or add_prefix:
         if not all(torch.is_tensor(value) for value in tree.values()):
             raise ValueError(f"{source} is nested (top-level keys {sorted(tree)[:5]}); --select a flat sub-dict before renaming keys")
@@ -508,8 +509,13 @@ def _read_object(directory: Path, index, info) -> Any:
 
 # -- shared --
 def _mmap_load(file: Path) -> Any:
+    if file.is_dir():
+        raise NotACheckpointError(f"{file} is a directory, not a torch.save file: pth-to-dcp converts a .pth file or "
+                                  "*.safetensors (dcp-to-pth converts a DCP checkpoint the other way)")
     if not file.is_file():
         raise FileNotFoundError(f"{file} does not exist")
+    if torch_file_problem(file):
+        raise NotACheckpointError(torch_file_problem(file))
     try:
         return torch.load(file, mmap=True, weights_only=True, map_location="cpu")
     except Exception as error:
@@ -522,7 +528,10 @@ def _mmap_load(file: Path) -> Any:
 
 def _staging_dir(destination: Path, overwrite: bool) -> Path:
     if destination.exists() and not overwrite:
-        raise FileExistsError(f"{destination} exists; pass --overwrite to replace it")
+        what = "a DCP checkpoint directory" if (destination / ".metadata").is_file() else (
+            "a directory" if destination.is_dir() else "a file")
+        raise FileExistsError(f"{destination} exists ({what}); pass --overwrite to replace it, or choose another "
+                              "destination")
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = destination.with_name(f".{destination.name}.partial{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)

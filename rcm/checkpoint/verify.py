@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
-from rcm.checkpoint.layout import (COMPLETE_MARKER, METADATA_FILE, ZIP_MAGIC, CheckpointCorruptError, read_marker,
+from rcm.checkpoint.layout import (COMPLETE_MARKER, LEGACY_MAGIC, METADATA_FILE, ZIP_MAGIC, CheckpointCorruptError, read_marker,
                                    rank_file)
 from rcm.checkpoint.torch_zip import ZipFormatError, crc32_of_range, read_records
 
@@ -126,11 +126,17 @@ def torch_file_problem(file: str | Path) -> str | None:
         head = f.read(len(ZIP_MAGIC))
     if not head:
         return f"{file} is empty, not a torch checkpoint"
-    if head != ZIP_MAGIC:
+    if head != ZIP_MAGIC and not is_legacy_torch_file(file):
         shown = head.decode("ascii", "replace") if head.isascii() and head.decode("ascii").isprintable() else head.hex()
         return (f"{file} is not a torch checkpoint (torch.save files are zip archives starting with 'PK'; this one "
                 f"starts with {shown!r})")
     return None
+
+
+def is_legacy_torch_file(file: str | Path) -> bool:
+    """Whether ``file`` is in torch's pre-1.6 format (a bare pickle stream): loadable, but it carries no checksums."""
+    with open(file, "rb") as f:
+        return f.read(2) == LEGACY_MAGIC
 
 
 def verify_torch_file(file: str | Path, check_crc: bool = True, part: int = 0, num_parts: int = 1) -> list[str]:
@@ -144,6 +150,8 @@ def verify_torch_file(file: str | Path, check_crc: bool = True, part: int = 0, n
     problem = torch_file_problem(file)
     if problem:
         return [problem]
+    if is_legacy_torch_file(file):
+        return []  # nothing to check against
     fd = os.open(file, os.O_RDONLY)
     try:
         records = read_records(fd)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from rcm.checkpoint.layout import METADATA_FILE, CheckpointCorruptError, NotACheckpointError
 from rcm.checkpoint.manager import CheckpointManager, is_complete, verify_together
-from rcm.checkpoint.verify import read_metadata, torch_file_problem
+from rcm.checkpoint.verify import is_legacy_torch_file, read_metadata, torch_file_problem
 from rcm.parallel.distributed import DistributedInfo
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def load_torch_file(path: str | Path) -> object:
     if problem:
         raise NotACheckpointError(problem)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=not is_legacy_torch_file(path))
     except Exception as error:
         raise CheckpointCorruptError(f"{path} cannot be read as a torch checkpoint ({type(error).__name__}: "
                                      f"{' '.join(str(error).split())[:200]}); `python -m checkpoints_util verify "

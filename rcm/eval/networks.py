@@ -3,14 +3,16 @@ checkpoint (.pth, DCP directory) with a model preset. Weights are loaded only wh
 only gathers results never reads a checkpoint."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 
-from rcm.checkpoint.weights import load_model_weights, resolve_checkpoint
+from rcm.checkpoint.layout import NotACheckpointError
+from rcm.checkpoint.verify import torch_file_problem
+from rcm.checkpoint.weights import is_safetensors, load_model_weights, resolve_checkpoint
 
 RUN_CONFIG_FILE = "config.yaml"
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -49,6 +51,9 @@ class NetworkSource:
     path: Path
     model_cfg: Any
     run_cfg: Any | None = None
+    # The verified checkpoint `checkpoint()` found; `load` reads it without verifying again (and without a
+    # collective: a rank may load on its own, once every rank has called `checkpoint()`).
+    resolved: Path | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def open(cls, path: str | Path, model: str | None = None, fallback_model_cfg: Any | None = None) -> NetworkSource:
@@ -57,6 +62,9 @@ class NetworkSource:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"checkpoint or run directory {path} does not exist")
+        if path.is_file() and not is_safetensors(path) and torch_file_problem(path):
+            raise NotACheckpointError(f"{torch_file_problem(path)}; give a training run directory, a .pth/.pt/"
+                                      ".safetensors file or a DCP checkpoint directory")
         run_cfg = load_run_config(path) if is_run_directory(path) else None
         if model is not None:
             from rcm.config import load_model_preset
@@ -78,8 +86,11 @@ class NetworkSource:
         return default if value is None else value
 
     def checkpoint(self) -> str:
-        """The checkpoint actually read (a run directory's latest complete one), as an absolute path."""
-        return str(resolve_checkpoint(self.path).resolve())
+        """The checkpoint actually read, as an absolute path: verified (a run directory's newest intact one, damaged
+        newer ones skipped with a warning). Collective under torch.distributed the first time: call it on every rank."""
+        if self.resolved is None:
+            self.resolved = resolve_checkpoint(self.path)
+        return str(self.resolved.resolve())
 
     def load(self, weights: str = "ema", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         """The network with its EMA (or raw student) weights in ``dtype``, in eval mode, without gradients."""
@@ -88,7 +99,7 @@ class NetworkSource:
         # Built on the meta device and allocated in place: no random initialization (minutes for 14B on a CPU),
         # which the strict load would overwrite anyway.
         network = build_network(self.model_cfg, device="meta").to(dtype).to_empty(device=device)
-        load_model_weights(network, self.path, prefer=weights)
+        load_model_weights(network, Path(self.checkpoint()), prefer=weights, verify=False)
         return network.eval().requires_grad_(False)
 
 

@@ -112,7 +112,8 @@ class TrainingState:
         self.student_iteration = 0
         self.skipped_steps = 0
         self.checkpoints = CheckpointManager(Path(cfg.run_dir) / "checkpoints", info, cfg.train.keep_last,
-                                             cfg.train.keep_every, cfg.train.async_save, cfg.train.async_save_mode)
+                                             cfg.train.keep_every, cfg.train.async_save, cfg.train.async_save_mode,
+                                             restart_if_all_damaged=cfg.train.restart_if_all_damaged)
 
     def networks(self) -> dict[str, torch.nn.Module]:
         """The trainable networks by role."""
