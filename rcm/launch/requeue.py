@@ -2,9 +2,10 @@
 
 - Slurm (plain sbatch, or submitit's Slurm executor): rank 0 runs ``scontrol requeue $SLURM_JOB_ID``.
   The job goes back to PENDING with the same id, script and run directory; Slurm counts the restarts
-  in SLURM_RESTART_COUNT, which ``launch.max_requeues`` caps. On SIGTERM the job's state decides:
+  in SLURM_RESTART_COUNT, which ``launch.max_requeues`` caps. On SIGTERM the job's record decides:
   ``scancel`` (COMPLETING without a time-limit reason) is the user's wish to stop, and a job that
-  Slurm requeues itself (PreemptMode=REQUEUE: PENDING / REQUEUED) needs nothing; both are left alone.
+  Slurm requeues itself (``scontrol requeue``, PreemptMode=REQUEUE: PENDING / REQUEUED, or COMPLETING with
+  its restart count already raised) needs nothing; both are left alone.
 - submitit's local executor: exit status 144 is its "requeue me" code (it restarts the tasks).
 - Anywhere else (a workstation, torchrun by hand): nothing to requeue; run the same command again.
 
@@ -40,24 +41,32 @@ def request_slurm_requeue(job_id: str, restarts: int, max_requeues: int) -> bool
     return True
 
 
-def slurm_job_state(job_id: str) -> tuple[str, str]:
-    """(JobState, Reason) of a job as ``scontrol show job`` reports them; ('', '') if it cannot tell."""
+def slurm_job_record(job_id: str) -> dict[str, str]:
+    """The fields of ``scontrol show job`` (JobState, Reason, Restarts, ...); {} if it cannot tell."""
     try:
         out = subprocess.run(["scontrol", "show", "job", "-o", job_id], check=True, capture_output=True, text=True,
                              timeout=60).stdout
     except (OSError, subprocess.SubprocessError):
-        return "", ""
-    fields = dict(field.split("=", 1) for field in out.split() if "=" in field)
-    return fields.get("JobState", ""), fields.get("Reason", "")
+        return {}
+    return dict(field.split("=", 1) for field in out.split() if "=" in field)
 
 
-def reason_not_to_requeue_on_sigterm(job_id: str) -> str | None:
-    """Why a job that got SIGTERM must not be requeued by us (cancelled, or Slurm requeues it), else None."""
-    state, reason = slurm_job_state(job_id)
+def reason_not_to_requeue_on_sigterm(job_id: str, restarts: int = 0) -> str | None:
+    """Why a job that got SIGTERM must not be requeued by us, as the rest of a sentence about the job ('is requeued
+    by Slurm itself ...', 'is not requeued: it was cancelled ...'); None if we should requeue it.
+
+    ``restarts`` is this segment's SLURM_RESTART_COUNT. A job that Slurm requeues (``scontrol requeue``,
+    PreemptMode=REQUEUE) shows COMPLETING while its steps are killed, exactly as a cancelled one does; only its
+    restart count tells them apart: Slurm has already raised it above this segment's.
+    """
+    record = slurm_job_record(job_id)
+    state, reason = record.get("JobState", ""), record.get("Reason", "")
     if state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
-        return f"Slurm requeues it itself (state {state})"
+        return f"is requeued by Slurm itself (state {state})"
+    if record.get("Restarts", "").isdigit() and int(record["Restarts"]) > restarts:
+        return f"is requeued by Slurm itself (state {state}, restart {record['Restarts']})"
     if state in ("COMPLETING", "CANCELLED") and reason != "TimeLimit":
-        return f"it was cancelled (state {state}, reason {reason})"
+        return f"is not requeued: it was cancelled (state {state}, reason {reason})"
     return None
 
 
@@ -72,13 +81,14 @@ def stop_and_requeue(signum: int, info: DistributedInfo, requeue: bool, max_requ
         if info.is_main:
             log.info("stopped on %s; %s", name, "asking submitit to restart the job" if requeue else "not requeued (launch.requeue=false)")
     elif job_id and info.is_main:
-        why_not = reason_not_to_requeue_on_sigterm(job_id) if signum == signal.SIGTERM else None
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        why_not = reason_not_to_requeue_on_sigterm(job_id, restarts) if signum == signal.SIGTERM else None
         if not requeue:
             log.info("stopped on %s; not requeued (launch.requeue=false)", name)
         elif why_not:
-            log.info("stopped on %s; job %s is not requeued: %s", name, job_id, why_not)
+            log.info("stopped on %s; job %s %s", name, job_id, why_not)
         else:
-            request_slurm_requeue(job_id, int(os.environ.get("SLURM_RESTART_COUNT", "0")), max_requeues)
+            request_slurm_requeue(job_id, restarts, max_requeues)
     elif info.is_main:
         log.info("stopped on %s after saving a checkpoint; run the same command again to resume", name)
     barrier(info)  # nobody exits (and makes srun kill the step) before rank 0 has requeued
