@@ -5,7 +5,8 @@ torchrun sets them itself; a task started by ``srun`` (one task per GPU) or by s
 launcher's own variables, which are translated here:
 
     SLURM_PROCID -> RANK    SLURM_LOCALID -> LOCAL_RANK    SLURM_STEP_NUM_TASKS -> WORLD_SIZE
-    first host of SLURM_STEP_NODELIST -> MASTER_ADDR       SLURM_JOB_ID -> MASTER_PORT
+    SLURM_NODEID -> NODE_RANK (torchrun's GROUP_RANK)     SLURM_JOB_ID -> MASTER_PORT
+    first host of SLURM_STEP_NODELIST -> MASTER_ADDR
 
 Under submitit (Slurm or local executor) submitit's TorchDistributedEnvironment gives the same mapping.
 """
@@ -14,6 +15,8 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+
+from rcm.cli_errors import UserError
 
 # Ports below Linux's ephemeral range (32768-60999), so the rendezvous port never collides with an
 # outgoing connection's; two jobs sharing a node get different ports unless their ids differ by 15000.
@@ -56,13 +59,18 @@ def slurm_task_env(environ: Mapping[str, str]) -> dict[str, str] | None:
     world_size = int(environ.get("SLURM_STEP_NUM_TASKS", environ.get("SLURM_NTASKS", "1")))
     nodes = int(environ.get("SLURM_STEP_NUM_NODES", environ.get("SLURM_JOB_NUM_NODES", "1")))
     nodelist = environ.get("SLURM_STEP_NODELIST", environ.get("SLURM_JOB_NODELIST", ""))
+    if not nodelist and nodes > 1:
+        # 127.0.0.1 would give every node its own rendezvous, each waiting for the others' ranks forever.
+        raise UserError(f"task {environ['SLURM_PROCID']} of a {nodes}-node Slurm step has no SLURM_STEP_NODELIST "
+                         "or SLURM_JOB_NODELIST to take the rendezvous address from; set MASTER_ADDR to the first node")
     return {
-        "MASTER_ADDR": expand_hostlist(nodelist)[0] if nodelist else "127.0.0.1",
+        "MASTER_ADDR": environ.get("MASTER_ADDR") or (expand_hostlist(nodelist)[0] if nodelist else "127.0.0.1"),
         "MASTER_PORT": environ.get("MASTER_PORT", str(master_port_for_job(environ.get("SLURM_JOB_ID", "0")))),
         "RANK": environ["SLURM_PROCID"],
         "WORLD_SIZE": str(world_size),
         "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
         "LOCAL_WORLD_SIZE": str(max(1, world_size // max(1, nodes))),
+        "NODE_RANK": environ.get("SLURM_NODEID", "0"),
     }
 
 

@@ -80,3 +80,22 @@ def test_env_defaults_never_override_the_user(monkeypatch):
     applied = apply_env_defaults({"NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"})
     assert applied == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
     assert os.environ["NCCL_DEBUG"] == "INFO"
+
+
+def test_srun_task_gets_its_node_rank_and_keeps_a_master_addr_set_by_the_user():
+    """NODE_RANK is Slurm's node index of the task (torchrun calls it GROUP_RANK); an exported MASTER_ADDR wins
+    over the first host, as an exported MASTER_PORT wins over the job-id port."""
+    assert slurm_task_env(SRUN_TASK)["NODE_RANK"] == "1"
+    assert slurm_task_env({**SRUN_TASK, "SLURM_NODEID": "0", "SLURM_PROCID": "0"})["NODE_RANK"] == "0"
+    assert slurm_task_env({**SRUN_TASK, "MASTER_ADDR": "10.1.2.3"})["MASTER_ADDR"] == "10.1.2.3"
+
+
+def test_a_multi_node_step_without_a_node_list_is_refused_in_one_sentence():
+    """Falling back to 127.0.0.1 on several nodes would start one rendezvous per node that never completes."""
+    from rcm.cli_errors import UserError
+
+    no_list = {k: v for k, v in SRUN_TASK.items() if not k.endswith("NODELIST")}
+    with pytest.raises(UserError, match=r"task 5 of a 2-node Slurm step has no SLURM_STEP_NODELIST .* set MASTER_ADDR"):
+        slurm_task_env(no_list)
+    one_node = {**no_list, "SLURM_STEP_NUM_NODES": "1", "SLURM_JOB_NUM_NODES": "1"}
+    assert slurm_task_env(one_node)["MASTER_ADDR"] == "127.0.0.1"  # one node: the local rendezvous is right

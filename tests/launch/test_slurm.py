@@ -264,3 +264,32 @@ def test_torchrun_template_forwards_the_pre_timeout_signal_and_requeues(toy_setu
     assert record["Restarts"] == "1"
     assert "stopped on SIGHUP" in text and f"requeued job {job_id}" in text and "resumed from" in text, text[-3000:]
     assert is_complete(run_dir / "checkpoints" / f"iter_{MAX_ITERS:09d}")
+
+
+# -- a stop signal sent to the batch shell (issue 22, part 5) --
+def test_term_to_the_batch_shell_reaches_the_ranks_which_checkpoint_and_requeue(uninterrupted_run, toy_setup, tmp_path,
+                                                                               job_name):
+    """`scancel --full --signal=TERM` signals the batch shell and srun as well as the ranks. srun turns its own TERM
+    into SIGKILL of every task, and an untrapped shell dies at once: either would end the job before the ranks
+    checkpoint. slurm/train_srun.sbatch traps the signal and keeps srun out of its reach, so the ranks stop on
+    SIGTERM, save, requeue the (still running) job, and the requeued job resumes to the uninterrupted end state."""
+    run_dir = tmp_path / "run"
+    log = tmp_path / "job.out"
+    overrides = toy_overrides(toy_setup, MAX_ITERS, save_every=10)
+    job_id = sbatch("train_srun.sbatch", job_name, log, ["--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1"],
+                    [*overrides, f"run_dir={run_dir}"])
+    wait_until(lambda: heartbeat_iteration(run_dir) >= 4, 180, "the job to reach iteration 4")
+    subprocess.run(["scancel", "--full", "--signal=TERM", job_id], check=True)
+    record = wait_until(lambda: (r := job_record(job_id))["JobState"] in ("COMPLETED", "FAILED", "CANCELLED") and r,
+                        300, "the requeued job to end", interval=1)
+    text = log.read_text(errors="replace")
+    stopped = re.search(r"stopped on SIGTERM at iteration (\d+)", text)
+    assert stopped and 4 <= int(stopped.group(1)) < MAX_ITERS, text[-3000:]
+    assert "batch shell: got SIGTERM; forwarding it" in text and "forcing job termination" not in text, text[-3000:]
+    assert f"requeued job {job_id}" in text and f"resumed from {run_dir}/checkpoints/iter_{int(stopped.group(1)):09d}" in text
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", record
+    _, reference_dir = uninterrupted_run
+    reference_iteration, reference = final_state(reference_dir / "0", overrides)
+    iteration, resumed = final_state(run_dir, overrides)
+    assert iteration == reference_iteration == MAX_ITERS
+    assert_same_state(reference, resumed)
