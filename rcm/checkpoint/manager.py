@@ -206,7 +206,7 @@ class CheckpointManager:
             else:
                 dcp.save(state, checkpoint_id=str(target), process_group=self._process_group())
                 self._complete(iteration, target, started, asynchronous=False)
-        except Exception as error:
+        except (Exception, CheckpointException) as error:  # DCP's CheckpointException is a BaseException
             explained = _explain_save_failure(error, target, _tensor_bytes(state))
             if explained is error:
                 raise
@@ -339,7 +339,8 @@ class CheckpointManager:
                 self._complete(iteration, path, started, asynchronous=True)
                 done.set_result(path)
             except BaseException as error:  # surfaces in wait(): the training loop must hear of a failed save
-                explained = _explain_save_failure(error, path, nbytes) if isinstance(error, Exception) else error
+                failed = isinstance(error, (Exception, CheckpointException))
+                explained = _explain_save_failure(error, path, nbytes) if failed else error
                 if explained is not error:
                     explained.__cause__ = error
                 log.error("asynchronous save of %s failed: %s", path, explained)
@@ -479,18 +480,28 @@ def _exchange_directories(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
-def _explain_save_failure(error: Exception, path: Path, nbytes: int) -> Exception:
+def _explain_save_failure(error: BaseException, path: Path, nbytes: int) -> BaseException:
     """A full disk as one sentence naming the checkpoint (writers report it as ENOSPC, or, from DCP's writer
     process, only as a torch.save position error); any other failure unchanged."""
     free = _free_bytes(path)
     if not _is_disk_full(error) and (free is None or free >= nbytes):
         return error
-    detail = " ".join(str(error).split())[:200]
+    detail = _short_reason(error)
     free_text = "" if free is None else f" with {_human_bytes(free)} free on its file system"
     return CheckpointSaveError(
         f"no space left on device: saving checkpoint {path} failed{free_text} (this rank's share of the state is "
         f"~{_human_bytes(nbytes)}); free some space or move the run directory, then run again to resume from the "
         f"latest complete checkpoint (the writer said: {detail})")
+
+
+def _short_reason(error: BaseException) -> str:
+    """The innermost failure of ``error`` as one short line (DCP's CheckpointException carries whole tracebacks)."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, Mapping) and failures:
+        first = next(iter(failures.values()))
+        return _short_reason(first[0] if isinstance(first, tuple) else first)
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:200]
 
 
 def _is_disk_full(error: BaseException) -> bool:
