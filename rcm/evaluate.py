@@ -99,7 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     what.add_argument("--guidance", type=float, default=None, help="teacher CFG scale (default: the run's "
                       "distill.guidance_scale; 1 for a bare checkpoint)")
     what.add_argument("--shift", type=float, default=5.0, help="teacher sampling time shift")
-    what.add_argument("--sigma-max", type=float, default=80.0, help="student's initial noise level")
+    what.add_argument("--sigma-max", type=float, default=None, help="student's initial noise level (default: the "
+                      "run's distill.sample_sigma_max, 200 in the 14B recipe; 80 for a bare checkpoint)")
     what.add_argument("--mid-times", type=float, nargs="+", default=None, metavar="T",
                       help="student's intermediate TrigFlow times; n steps use the first n-1 "
                            "(default: the paper's 1.5 1.4 1.0)")
@@ -170,12 +171,17 @@ class EvaluationPlan:
         return self.samples_dir / f"prompt_{index:05d}.pt"
 
 
+DEFAULT_SIGMA_MAX = 80.0  # rcm_spec.md §5
+
+
 def plan_evaluation(args: argparse.Namespace) -> EvaluationPlan:
     """Resolve the run, prompts, ground truth, sampler settings and output directory from the options."""
     source = NetworkSource.open(args.run, args.model)
     inputs = resolve_prompt_inputs(args.prompts, source, args.ground_truth, args.negative_embedding, args.latent_shape)
 
     guidance = args.guidance if args.guidance is not None else float(source.run_setting("distill.guidance_scale", 1.0))
+    sigma_max = (args.sigma_max if args.sigma_max is not None
+                 else float(source.run_setting("distill.sample_sigma_max", DEFAULT_SIGMA_MAX)))
     reference = None
     if args.teacher_steps:
         if args.reference_teacher:
@@ -184,7 +190,7 @@ def plan_evaluation(args: argparse.Namespace) -> EvaluationPlan:
         labels = {settings[0].name: f"teacher (CFG {guidance:g})"}
     else:
         settings = [
-            SamplerSetting(f"student_{steps}", STUDENT, steps, sigma_max=args.sigma_max,
+            SamplerSetting(f"student_{steps}", STUDENT, steps, sigma_max=sigma_max,
                            mid_times=None if args.mid_times is None else tuple(args.mid_times[:steps - 1]))
             for steps in dict.fromkeys(args.steps)
         ]
@@ -195,7 +201,7 @@ def plan_evaluation(args: argparse.Namespace) -> EvaluationPlan:
             settings.append(SamplerSetting(name, TEACHER, args.reference_steps, guidance, args.shift))
             labels[name] = f"reference teacher (CFG {guidance:g})"
 
-    if guidance != 1.0 and inputs.negative_embedding is None and any(s.kind == TEACHER for s in settings):
+    if guidance > 1.0 and inputs.negative_embedding is None and any(s.kind == TEACHER for s in settings):
         raise ValueError(f"CFG scale {guidance:g} needs the negative prompt's embedding: pass --negative-embedding PATH "
                          "(or --guidance 1)")
     if args.out is None and source.run_cfg is None:

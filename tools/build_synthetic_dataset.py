@@ -156,7 +156,7 @@ def build(args: argparse.Namespace, info: DistributedInfo, device: torch.device)
     teacher = NetworkSource.open(args.teacher, args.model)
     inputs = resolve_prompt_inputs(args.prompts, teacher, args.ground_truth, args.negative_embedding, args.latent_shape)
     setting = SamplerSetting(f"teacher_{args.steps}", TEACHER, args.steps, args.guidance, args.shift)
-    if args.guidance != 1.0 and inputs.negative_embedding is None:
+    if args.guidance > 1.0 and inputs.negative_embedding is None:
         raise ValueError(f"--guidance {args.guidance} needs the negative prompt's embedding: pass --negative-embedding PATH")
     out: Path = args.out
     check_or_record_config(out, build_config(args, teacher, inputs), info)

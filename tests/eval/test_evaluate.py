@@ -250,3 +250,26 @@ def test_dtype_is_used_and_recorded(single_run, inputs, tmp_path, capsys):
     a, b = ours["samples"]["student_1"], reference["samples"]["student_1"]
     assert not torch.equal(a, b)
     assert (a.float() - b.float()).norm() < 0.05 * b.float().norm()
+
+
+def test_student_sigma_max_defaults_to_the_runs_recipe(inputs, tmp_path):
+    """Without --sigma-max a run's students are sampled at its distill.sample_sigma_max (200 in the 14B recipe);
+    --sigma-max overrides it, and a bare checkpoint uses the paper's 80."""
+    from rcm.config import load_config
+    from rcm.data.toy import ToyMixtureConfig, build_toy_dataset
+    from rcm.evaluate import parse_args, plan_evaluation
+    from rcm.train import train
+
+    data = tmp_path / "data"
+    build_toy_dataset(data, num_samples=32, samples_per_shard=32, mixture_config=ToyMixtureConfig(), seed=0)
+    run = tmp_path / "run"
+    train(load_config(["experiment=toy_teacher", f"run_dir={run}", f"data.shards={data}", "train.max_iters=1",
+                       "train.batch_size=2", "train.progress_bar=false", "train.device=cpu",
+                       "distill.sample_sigma_max=200"]))
+    common = ["--ground-truth", str(data / "ground_truth.pt"), "--steps", "1", "--device", "cpu", "--out", str(tmp_path / "o")]
+    plan = plan_evaluation(parse_args(["--checkpoint", str(run), *common]))
+    assert [s.sigma_max for s in plan.settings] == [200.0]
+    plan = plan_evaluation(parse_args(["--checkpoint", str(run), *common, "--sigma-max", "1600"]))
+    assert [s.sigma_max for s in plan.settings] == [1600.0]
+    plan = plan_evaluation(parse_args(["--checkpoint", str(inputs / "student.pth"), "--model", TINY_PRESET, *common]))
+    assert [s.sigma_max for s in plan.settings] == [80.0]
