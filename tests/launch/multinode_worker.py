@@ -35,9 +35,9 @@ def join_group() -> tuple[int, int, list[str]]:
 
 def run_mapping(out_dir: Path) -> None:
     """Record the mapped variables, the host, and the results of two collectives across the nodes."""
+    rank, world_size, hosts = join_group()
     mapped = {key: os.environ[key] for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                "LOCAL_WORLD_SIZE", "NODE_RANK")}
-    rank, world_size, hosts = join_group()
     total = torch.tensor([float(rank + 1)])
     dist.all_reduce(total)
     record = {**mapped, "host": socket.gethostname(), "slurm_procid": os.environ["SLURM_PROCID"],

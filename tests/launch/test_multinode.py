@@ -1,0 +1,219 @@
+"""Multi-node tests on a real multi-node Slurm: `slurm/local_cluster.sh up --nodes 3` (one slurmd per network
+namespace, nodes n1..n3, tasks on different nodes talk over TCP only).
+
+- the Slurm -> torch.distributed mapping on a 2-node and a 3-node job;
+- dp_shard x cp = 2 x 2 over 2 nodes x 2 tasks (CP inside a node, FSDP across): one rCM step equals one
+  process, and the toy rCM training through slurm/train_srun.sbatch -N 2 and slurm/train_torchrun.sbatch
+  (one torchrun per node) ends in the same parameters;
+- drills: the pre-timeout signal on 2 nodes -> checkpoint -> requeue -> bit-identical resume; a node dies
+  mid-step -> the survivor leaves naming the lost rank, nothing half-written counts, and a resume on the one
+  remaining node reshards the latest complete checkpoint and finishes.
+
+Every job is a tiny CPU run (gloo); the whole module takes a few minutes on 2 cores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from rcm.checkpoint.manager import is_complete
+from tests.launch.toy_run import assert_same_state, final_state, rank_states, same_value, toy_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER_SCRIPT = REPO / "slurm" / "local_cluster.sh"
+MULTINODE_CONF = Path(os.environ.get("RCM_MULTINODE_DIR", "/var/lib/rcm-multinode")) / "etc" / "slurm.conf"
+USABLE = ("idle", "mixed", "allocated", "completing")
+
+
+def multinode_unavailable_reason(nodes: int = 3) -> str | None:
+    """Why the multi-node tests cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "the multi-node cluster needs root (network namespaces); run as root"
+    if shutil.which("sinfo") is None:
+        return "no Slurm here; start one with slurm/local_cluster.sh up --nodes 3"
+    if not MULTINODE_CONF.is_file():
+        return f"no multi-node cluster ({MULTINODE_CONF} is absent); start one with slurm/local_cluster.sh up --nodes 3"
+    try:
+        states = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=15,
+                                env={**os.environ, "SLURM_CONF": str(MULTINODE_CONF)}).stdout.split("\n")
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"the multi-node controller does not answer ({error}); slurm/local_cluster.sh up --nodes 3"
+    usable = [line.split()[0] for line in states if line.strip() and line.split()[1].rstrip("*~#") in USABLE]
+    if len(usable) < nodes:
+        return f"the multi-node cluster has {len(usable)} usable nodes, these tests need {nodes}; slurm/local_cluster.sh up --nodes 3"
+    return None
+
+
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(bool(reason := multinode_unavailable_reason()),
+                                                   reason=reason or "")]
+
+JOB_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "RCM_PYTHON": sys.executable, "SLURM_CONF": str(MULTINODE_CONF),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+MAX_ITERS = 16
+TWO_BY_TWO = ["parallel.dp_shard=2", "parallel.cp=2"]
+
+
+# -- helpers --
+def slurm(*command: str, check: bool = True) -> str:
+    """A Slurm client command against the multi-node cluster; its stdout."""
+    return subprocess.run(command, capture_output=True, text=True, env=JOB_ENV, check=check, timeout=60).stdout
+
+
+def job_record(job_id: str) -> dict[str, str]:
+    """`scontrol show job` as a dict."""
+    out = slurm("scontrol", "show", "job", "-o", job_id)
+    return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.1):
+    """Poll ``condition`` until it returns something truthy; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def wait_for_state(job_id: str, states: tuple[str, ...], timeout: float) -> dict[str, str]:
+    """The job's record once its state is one of ``states``."""
+    return wait_until(lambda: (r := job_record(job_id))["JobState"] in states and r, timeout,
+                      f"job {job_id} to reach {'/'.join(states)}", interval=0.5)
+
+
+def heartbeat(run_dir: Path, rank: int = 0) -> dict:
+    """The newest heartbeat record of ``rank`` ({} if none yet)."""
+    try:
+        return json.loads((run_dir / "heartbeats" / f"rank_{rank:05d}.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def sbatch(script: str, name: str, log: Path, options: list[str], overrides: list[str]) -> str:
+    """Submit one of the repository's sbatch templates to the multi-node cluster; the job id."""
+    command = ["sbatch", "--parsable", f"--job-name={name}", f"--output={log}", "--open-mode=append", "--time=10",
+               "--gpus-per-node=2", *options, str(REPO / "slurm" / script), *overrides]
+    return subprocess.run(command, cwd=REPO, env=JOB_ENV, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def srun_tasks(nodes: int, tasks_per_node: int, *command: str, timeout: float = 300) -> None:
+    """Run ``command`` as nodes x tasks_per_node tasks of one srun step; fail with its output if a task fails."""
+    result = subprocess.run(["srun", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--cpus-per-task=1",
+                             "--time=5", *command], cwd=REPO, env=JOB_ENV, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+
+
+def cluster(*arguments: str) -> None:
+    """slurm/local_cluster.sh on the multi-node cluster (node-kill K, node-start K, ...)."""
+    subprocess.run([str(CLUSTER_SCRIPT), *arguments], check=True, capture_output=True, timeout=60)
+
+
+def network_weights(run_dir: Path, overrides: list[str]) -> dict[str, torch.Tensor]:
+    """Student, fake score and EMA weights of the run's latest checkpoint, loaded (resharded) into this one process."""
+    _, state = final_state(run_dir, [o for o in overrides if not o.startswith("parallel.")])
+    return {k: v for k, v in state.items() if not k.startswith("optim_")}
+
+
+def assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float = 1e-5) -> None:
+    """Same names, every tensor within rtol (with an absolute floor at rtol of its largest entry)."""
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=rtol, atol=rtol * float(a[name].abs().max()) + 1e-12,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.fixture
+def job_name(request):
+    """A unique job name; whatever still runs under it is cancelled when the test ends."""
+    name = f"rcmmn-{request.node.name[:20]}-{uuid.uuid4().hex[:6]}"
+    yield name
+    subprocess.run(["scancel", "-n", name], capture_output=True, env=JOB_ENV)
+
+
+# -- (1) the Slurm -> torch.distributed mapping --
+@pytest.mark.parametrize("nodes, tasks_per_node", [(2, 2), (3, 1)])
+def test_slurm_variables_map_to_torch_distributed_on_several_nodes(nodes, tasks_per_node, tmp_path):
+    """srun -N nodes: every task gets MASTER_ADDR = the first node, its node rank, local rank and the world size,
+    and the gloo group they form over TCP between the namespaces all-reduces and all-gathers correctly."""
+    world = nodes * tasks_per_node
+    srun_tasks(nodes, tasks_per_node, sys.executable, "-m", "tests.launch.multinode_worker", "mapping", str(tmp_path))
+    records = [json.loads((tmp_path / f"rank_{rank}.json").read_text()) for rank in range(world)]
+    hosts = [f"n{1 + rank // tasks_per_node}" for rank in range(world)]  # block distribution
+    for rank, record in enumerate(records):
+        assert record["host"] == hosts[rank], record
+        assert record["MASTER_ADDR"] == "n1" and record["RANK"] == record["slurm_procid"] == str(rank)
+        assert record["WORLD_SIZE"] == str(world) and record["LOCAL_WORLD_SIZE"] == str(tasks_per_node)
+        assert record["LOCAL_RANK"] == str(rank % tasks_per_node) and record["NODE_RANK"] == str(rank // tasks_per_node)
+        assert record["group_rank"] == rank and record["group_size"] == world
+        assert record["all_reduce"] == world * (world + 1) / 2 and record["hosts"] == hosts
+    assert len({r["MASTER_PORT"] for r in records}) == 1
+
+
+# -- (2) dp_shard x cp = 2 x 2 on 2 nodes x 2 tasks --
+def test_two_by_two_mesh_across_two_nodes_matches_one_process(tmp_path):
+    """One rCM step (student and critic) under dp_shard x cp = 2 x 2, CP inside each node and FSDP across the two:
+    every rank's losses and the whole gradients equal the single-process reference (rtol 1e-5)."""
+    from tests.launch.multinode_worker import PARALLEL_SCENARIOS
+    from tests.parallel.workers import run_reference
+
+    srun_tasks(2, 2, sys.executable, "-m", "tests.launch.multinode_worker", "parallel", str(tmp_path))
+    for name, spec in PARALLEL_SCENARIOS.items():
+        reference = run_reference(spec)
+        for rank in range(4):
+            result = torch.load(tmp_path / f"{name}.rank{rank}.pt")
+            hosts = result["hosts"]
+            assert hosts[rank] == hosts[rank ^ 1] and hosts[rank] != hosts[rank ^ 2], hosts  # CP pair on one node
+            expected = reference["per_rank"][result["dp_rank"]]
+            torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(expected["losses"]), rtol=1e-5, atol=0)
+            for parameter, grad in reference["grads"].items():
+                torch.testing.assert_close(result["grads"][parameter], grad, rtol=1e-5,
+                                           atol=1e-5 * float(grad.abs().max()), msg=lambda m: f"{name} {parameter}: {m}")
+
+
+@pytest.fixture(scope="module")
+def two_by_two_srun_run(toy_setup, tmp_path_factory):
+    """The toy rCM run with dp_shard x cp = 2 x 2 through slurm/train_srun.sbatch -N 2 (2 tasks per node)."""
+    root = tmp_path_factory.mktemp("srun2x2")
+    overrides = [*toy_overrides(toy_setup, 4, save_every=4), *TWO_BY_TWO, "train.async_save=false"]
+    name = f"rcmmn-srun2x2-{uuid.uuid4().hex[:6]}"
+    job_id = sbatch("train_srun.sbatch", name, root / "job.out", ["--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1"],
+                    [*overrides, f"run_dir={root / 'run'}"])
+    try:
+        record = wait_for_state(job_id, ("COMPLETED", "FAILED", "CANCELLED"), 300)
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True, env=JOB_ENV)
+    assert record["JobState"] == "COMPLETED", (root / "job.out").read_text()[-3000:]
+    return root, overrides
+
+
+def test_two_by_two_training_through_srun_on_two_nodes(two_by_two_srun_run):
+    """4 ranks on n1 and n2 train the toy rCM run to the end; each node's two ranks are one CP group."""
+    root, _ = two_by_two_srun_run
+    final = root / "run" / "checkpoints" / "iter_000000004"
+    assert is_complete(final) and len(rank_states(final)) == 4
+    text = (root / "job.out").read_text()
+    assert "4 ranks on n[1-2]" in text and "finished 4 iterations" in text
+
+
+def test_one_torchrun_per_node_trains_the_same_parameters_as_srun(two_by_two_srun_run, toy_setup, tmp_path, job_name):
+    """slurm/train_torchrun.sbatch -N 2 (rendezvous on n1, 2 workers per node) ends where the srun job ended."""
+    srun_root, overrides = two_by_two_srun_run
+    log = tmp_path / "job.out"
+    job_id = sbatch("train_torchrun.sbatch", job_name, log, ["--nodes=2", "--cpus-per-task=2"],
+                    [*overrides, f"run_dir={tmp_path / 'run'}"])
+    record = wait_for_state(job_id, ("COMPLETED", "FAILED", "CANCELLED"), 300)
+    text = log.read_text(errors="replace")
+    assert record["JobState"] == "COMPLETED", text[-3000:]
+    assert "2 x 2 ranks, rendezvous n1:" in text
+    assert_close_weights(network_weights(srun_root / "run", overrides), network_weights(tmp_path / "run", overrides))
