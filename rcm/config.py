@@ -13,6 +13,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 
 from rcm.checkpoint.manager import ASYNC_MODES
+from rcm.cli_errors import UserError
 from rcm.distill.dcm import check_skip_interval
 from rcm.distill.dmd import FIXED_INTERMEDIATE_TIMES
 from rcm.distill.time import TimeSamplerConfig, as_time_sampler_config
@@ -99,6 +100,10 @@ class TrainConfig:
     verify_on_resume: bool = True  # check every shard's CRC-32 before resuming; a damaged checkpoint is skipped
     # every checkpoint of run_dir damaged: false stops with the damaged files named; true starts over from iteration 0
     restart_if_all_damaged: bool = False
+    # More updates than this skipped on NaN/inf (non-finite gradient, or every sample's loss non-finite) within
+    # skipped_updates_window iterations stop the run, naming the data shards (rcm/training/nonfinite.py).
+    max_skipped_updates: int = 10
+    skipped_updates_window: int = 100
     progress_bar: bool = True
 
 
@@ -116,6 +121,8 @@ class LaunchConfig:
     max_requeues: int = 50  # cap on SLURM_RESTART_COUNT; beyond it the job stops for good
     heartbeat_every_s: float = 30.0  # how often each rank rewrites <run_dir>/heartbeats/rank_N.json
     hang_timeout_minutes: float = 45.0  # no iteration for this long: dump stacks, exit 1 (0 disables)
+    # <run_dir>/LEASE (rcm/launch/lease.py): a lease whose heartbeat is this old is taken over by a new run
+    lease_timeout_minutes: float = 10.0
 
 
 @dataclass
@@ -158,7 +165,7 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="rcm_schema", node=RCMConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message names the key."""
 
 
@@ -200,6 +207,8 @@ def validate_config(cfg: Any) -> None:
     if train.mixed_precision not in ("bf16", "none"):
         raise ConfigError(f"train.mixed_precision must be 'bf16' or 'none', got '{train.mixed_precision}'")
     _validate_checkpointing(train)
+    if train.max_skipped_updates < 0 or train.skipped_updates_window < 1:
+        raise ConfigError("train.max_skipped_updates must be at least 0 and train.skipped_updates_window at least 1")
     if (optim := _optional_section(cfg, "optim")) is not None:
         _validate_optim(optim)
     if (launch := _optional_section(cfg, "launch")) is not None:
@@ -265,6 +274,10 @@ def _validate_launch(launch: Any) -> None:
         raise ConfigError("launch.collective_timeout_minutes must be positive")
     if launch.stop_check_every < 1 or launch.max_requeues < 0 or launch.heartbeat_every_s < 0:
         raise ConfigError("launch.stop_check_every must be >= 1, launch.max_requeues and launch.heartbeat_every_s >= 0")
+    if launch.lease_timeout_minutes * 60 <= 2 * launch.heartbeat_every_s:
+        raise ConfigError(f"launch.lease_timeout_minutes ({launch.lease_timeout_minutes}) must be longer than two "
+                          f"heartbeats (launch.heartbeat_every_s={launch.heartbeat_every_s}), or a live run's lease "
+                          "looks stale between its refreshes")
     if 0 < launch.hang_timeout_minutes <= launch.collective_timeout_minutes:
         raise ConfigError(
             f"launch.hang_timeout_minutes ({launch.hang_timeout_minutes}) must exceed launch.collective_timeout_minutes "

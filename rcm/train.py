@@ -15,12 +15,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rcm.cli_errors import UserError, run_cli
 from rcm.config import validate_config
 from rcm.launch.heartbeat import Heartbeat, describe_heartbeats
+from rcm.launch.lease import LeaseHeld, RunLease, lease_run_directory
 from rcm.launch.requeue import stop_and_requeue
 from rcm.launch.signals import StopRequest
 from rcm.parallel.distributed import init_distributed, resolve_device, shutdown_distributed
 from rcm.training.metrics_log import MetricsLog
+from rcm.training.nonfinite import NonFiniteBudget, StepOutcome
 from rcm.training.state import TrainingState, build_network, load_negative_embedding
 from rcm.training.step import lr_factor, set_learning_rate, train_step
 
@@ -33,27 +36,38 @@ class Trainer(TrainingState):
     """A run's state (rcm/training/state.py) and the loop that trains it: ``step`` (rcm/training/step.py) until
     ``train.max_iters``, with interval saves, logs and stop signals."""
 
+    last_outcome: StepOutcome | None = None
+
     def step(self) -> dict[str, Any]:
-        """One iteration: a batch, the scheduled network's loss, backward, gradient sync, update."""
-        return train_step(self)
+        """One iteration: a batch, the scheduled network's loss, backward, gradient sync, update; returns its logs."""
+        self.last_outcome = train_step(self)
+        return self.last_outcome.logs
 
     def _set_lr(self, role: str) -> None:
         set_learning_rate(self, role)
 
-    def run(self, stop: StopRequest | None = None, heartbeat: Heartbeat | None = None) -> dict[str, Any]:
+    def run(self, stop: StopRequest | None = None, heartbeat: Heartbeat | None = None,
+            lease: RunLease | None = None) -> dict[str, Any]:
         """Train to ``max_iters`` with interval saves and a final save; returns the last logs.
 
         With ``stop``, a stop signal (pre-timeout, preemption) on any rank ends the run early on every rank,
         after the current iteration and a checkpoint of it; the logs then hold ``stopped_by`` (the signal).
+        Too many updates skipped on non-finite values (``train.max_skipped_updates``) end it with
+        NonFiniteBudgetExceeded; losing the run directory's ``lease`` (main rank) with LeaseHeld.
         """
         cfg = self.cfg.train
         self.resume()
+        budget = NonFiniteBudget(cfg.max_skipped_updates, cfg.skipped_updates_window, self.info.world_size, self.device)
         logs: dict[str, Any] = {}
         started = time.time()
         with MetricsLog(self.cfg.run_dir, self.iteration, cfg.max_iters, cfg.log_every, self.info.is_main,
                         cfg.progress_bar, self.cfg.name) as metrics:
             while self.iteration < cfg.max_iters:
                 logs.update(self.step())  # keeps the latest value of every network's numbers
+                budget.record(self.iteration - 1, self.last_outcome)
+                if lease is not None and lease.lost:  # another run took the directory over: write nothing more
+                    raise LeaseHeld(f"this run lost the lease of {lease.path} at iteration {self.iteration} "
+                                    "(see the log above for its new holder) and stops without saving")
                 if heartbeat is not None:
                     heartbeat.beat(self.iteration)
                 metrics.record(self.iteration, logs)
@@ -80,23 +94,32 @@ def train(cfg: Any) -> dict[str, Any]:
     launch = cfg.launch
     device = resolve_device(cfg.train.device)
     info = init_distributed(device, launch.collective_timeout_minutes, launch.nccl_env)
+    try:  # one writer per run directory, before anything is written into it; every rank hears of a refusal
+        lease = lease_run_directory(cfg.run_dir, info.is_main, info.world_size, launch.lease_timeout_minutes * 60,
+                                    launch.heartbeat_every_s)
+    except BaseException:
+        shutdown_distributed()
+        raise
     stop = StopRequest(info.world_size, device, launch.stop_check_every).install()
     heartbeats = Path(cfg.run_dir) / "heartbeats"
     heartbeat = Heartbeat(heartbeats, info.rank, launch.heartbeat_every_s, launch.hang_timeout_minutes * 60)
     try:
-        result = Trainer(cfg, device, info).run(stop, heartbeat)
+        result = Trainer(cfg, device, info).run(stop, heartbeat, lease)
         if "stopped_by" in result:
             heartbeat.close()
             stop_and_requeue(stop.agreed_signal, info, launch.requeue, launch.max_requeues)
         return result
-    except Exception:
-        behind = describe_heartbeats(heartbeats, stale_after_s=2 * launch.heartbeat_every_s + 10)
-        log.error("rank %d of %d failed%s", info.rank, info.world_size,
-                  f"; ranks that froze or fell behind:\n{behind}" if behind else "")
+    except Exception as error:
+        if info.world_size > 1 and not isinstance(error, UserError):  # a crash, not a message: who else is stuck?
+            behind = describe_heartbeats(heartbeats, stale_after_s=2 * launch.heartbeat_every_s + 10)
+            log.error("rank %d of %d failed%s", info.rank, info.world_size,
+                      f"; ranks that froze or fell behind:\n{behind}" if behind else "")
         raise
     finally:
         heartbeat.close()
         stop.uninstall()
+        if lease is not None:
+            lease.release()
         shutdown_distributed()
 
 
@@ -123,16 +146,16 @@ def main() -> None:
     @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
     def _app(cfg) -> None:
         _use_sweep_directory(cfg)
-        try:
-            train(cfg)
-        except Exception:
-            # Exit non-zero from every launcher: Hydra would otherwise keep the error in the job's return
-            # value, and a submitit task would end with status 0 while its peers wait in a collective.
-            log.exception("training failed (rank %s)", os.environ.get("RANK", "0"))
-            raise SystemExit(1) from None
+        # A failure ends in one sentence (RCM_DEBUG=1 adds the traceback) and exit status 1 from every launcher:
+        # Hydra would otherwise keep the error in the job's return value, and a submitit task would end with
+        # status 0 while its peers wait in a collective.
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        program = f"rcm.train (rank {os.environ.get('RANK', '0')})" if world_size > 1 else "rcm.train"
+        status = run_cli(lambda: None if train(cfg) else None, program)
+        if status:
+            raise SystemExit(status)
 
     _app()
-
 
 if __name__ == "__main__":
     main()

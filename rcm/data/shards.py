@@ -23,6 +23,8 @@ from tqdm import tqdm
 from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from rcm.cli_errors import UserError
+
 SHARD_NAME = "shard-{:06d}.tar"
 LATENT_MEMBER = "latent.pt"
 EMBED_MEMBER = "embed.pt"
@@ -34,7 +36,7 @@ _TAR_BLOCK = 512
 _END_OF_ARCHIVE = bytes(2 * _TAR_BLOCK)
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard set, a shard file or a sample in it does not match the training format."""
 
 
@@ -219,11 +221,22 @@ def _load_tensor(data: bytes, path: Path, key: str, member: str) -> torch.Tensor
     return value
 
 
+def nonfinite_samples(batch: dict) -> list[tuple[str, str, str]]:
+    """(shard, key, field) of each sample of a loader batch whose latent or embed holds a NaN or an infinity."""
+    found = []
+    for field in ("latent", "embed"):
+        finite = torch.isfinite(batch[field]).flatten(1).all(1)
+        for row in (~finite).nonzero().flatten().tolist():
+            found.append((batch["shard"][row], batch["key"][row], field))
+    return found
+
+
 class ShardLoader:
     """Infinite, deterministic, resumable iterator over batches from tar shards.
 
     Each batch is a dict: latent float32 (B,C,T,H,W), embed float32 (B,text_len,text_dim) zero-padded,
-    embed_length int64 (B,), prompt list[str].
+    embed_length int64 (B,), prompt list[str], and where each sample came from: shard list[str] (its file)
+    and key list[str] (its tar key), so a bad value can be traced to its sample.
 
     Epoch e: the shard list is shuffled with a generator seeded by (seed, e); rank r reads
     shards[r::world_size]; samples are shuffled in a buffer of `shuffle_buffer` samples seeded by
@@ -292,9 +305,13 @@ class ShardLoader:
     def __next__(self) -> dict:
         if self._stream is None:
             self._stream = self._raw_samples(self._epoch, self._samples_in_epoch)
-        batch = [self._decode(*next(self._stream)) for _ in range(self.batch_size)]
+        origins, batch = [], []
+        for _ in range(self.batch_size):
+            path, key, members = next(self._stream)
+            origins.append((str(path), key))
+            batch.append(self._decode(path, key, members))
         self.samples_seen += self.batch_size
-        return self._collate(batch)
+        return {**self._collate(batch), "shard": [shard for shard, _ in origins], "key": [key for _, key in origins]}
 
     def _epoch_samples(self, epoch: int) -> Iterator[tuple[Path, str, dict]]:
         """Raw samples of this rank in `epoch`, shuffled within the buffer."""
@@ -336,6 +353,9 @@ class ShardLoader:
         if missing:
             raise ShardError(f"sample {key} in shard {path} lacks the member(s) {', '.join(missing)}")
         latent = _load_tensor(members[LATENT_MEMBER], path, key, LATENT_MEMBER)
+        if latent.ndim == 4 and latent.shape[1] > self.latent_shape[1] and tuple(latent.shape[2:]) == self.latent_shape[2:]:
+            # Longer clips train on their first frames, as the reference recipe's state_t does (1.3B: 20 of 21).
+            latent = latent[:, : self.latent_shape[1]]
         if tuple(latent.shape) != self.latent_shape:
             raise ShardError(
                 f"latent of sample {key} in shard {path} has shape {tuple(latent.shape)}, expected {self.latent_shape}"

@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
 
+from rcm.data.shards import nonfinite_samples
 from rcm.distill.distiller import STUDENT
 from rcm.parallel.gradient_accumulation import backward_micro_batches, split_micro_batches
+from rcm.training.nonfinite import StepOutcome
 from rcm.training.state import TrainingState
 
 log = logging.getLogger("rcm.train")
@@ -53,9 +54,15 @@ def autocast(state: TrainingState):
     return contextlib.nullcontext()
 
 
-def train_step(state: TrainingState) -> dict[str, Any]:
+def train_step(state: TrainingState) -> StepOutcome:
     """One iteration: a batch, the scheduled network's loss, backward, gradient sync, update."""
-    batch = {k: v.to(state.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(state.loader).items()}
+    batch = next(state.loader)
+    bad_inputs = nonfinite_samples(batch)  # on the host, before the copy: names the sample, not a tensor row
+    if bad_inputs:
+        log.warning("iteration %d: non-finite values in %s", state.iteration,
+                    "; ".join(f"the {name} of sample {key} in shard {shard}" for shard, key, name in bad_inputs[:3])
+                    + (f" and {len(bad_inputs) - 3} more" if len(bad_inputs) > 3 else ""))
+    batch = {k: v.to(state.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     role = STUDENT if state.distiller.method == "flow_matching" else state.distiller.kind(state.iteration)
     network, optimizer = state.networks()[role], state.optimizers[role]
     set_learning_rate(state, role)
@@ -66,12 +73,14 @@ def train_step(state: TrainingState) -> dict[str, Any]:
             return state.distiller.loss(micro_batch, state.iteration, state.student_iteration)
 
     micro_batches = split_micro_batches(batch, state.cfg.parallel.grad_accumulation)
-    result = backward_micro_batches(network, micro_batches, micro_batch_loss)[-1]
+    results = backward_micro_batches(network, micro_batches, micro_batch_loss)
+    result = results[-1]
     max_norm = state.cfg.optim.grad_clip if state.cfg.optim.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), max_norm)
     if isinstance(grad_norm, DTensor):
         grad_norm = grad_norm.full_tensor()
-    if torch.isfinite(grad_norm):
+    update_skipped = not torch.isfinite(grad_norm)
+    if not update_skipped:
         optimizer.step()
     else:  # a NaN that the loss guards could not stop (e.g. inside the network): skip, don't poison Adam
         state.skipped_steps += 1
@@ -80,4 +89,8 @@ def train_step(state: TrainingState) -> dict[str, Any]:
         state.ema.update(state.student, state.student_iteration)
         state.student_iteration += 1
     state.iteration += 1
-    return {"role": role, f"grad_norm/{role}": float(grad_norm), **result.logs}
+    # A sample is non-finite if any of its loss terms was (the loss guards count them as "<term>/nonfinite").
+    nonfinite = sum(max((v for k, v in r.logs.items() if k.endswith("/nonfinite")), default=0) for r in results)
+    return StepOutcome(logs={"role": role, f"grad_norm/{role}": float(grad_norm), **result.logs},
+                       update_skipped=update_skipped, nonfinite_samples=int(nonfinite),
+                       samples=len(batch["key"]), shards=list(batch["shard"]), bad_inputs=bad_inputs)

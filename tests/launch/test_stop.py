@@ -44,8 +44,8 @@ def test_stop_signal_ends_the_run_after_a_checkpoint_of_the_current_iteration(to
     assert is_complete(run_dir / "checkpoints" / "iter_000000003")
 
 
-def _start(overrides: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _start(overrides: list[str], **extra_env: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra_env}
     return subprocess.Popen([sys.executable, "-m", "rcm.train", *overrides], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -80,10 +80,16 @@ def test_cli_stops_on_usr2_with_status_140_and_the_same_command_resumes(toy_setu
     assert f"resumed from {saved[0]}" in output and "finished 40 iterations" in output
 
 
-def test_a_failing_run_exits_1_with_its_traceback_in_the_log(toy_setup, tmp_path):
+def test_a_failing_run_exits_1_with_one_sentence_and_its_traceback_on_request(toy_setup, tmp_path):
+    """The failure is one line naming the file; RCM_DEBUG=1 adds the traceback to the log."""
     overrides = [*toy_overrides(toy_setup, 4, save_every=100), f"run_dir={tmp_path / 'run'}",
                  "distill.teacher_checkpoint=/nonexistent/teacher.pth"]
     process = _start(overrides)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert "Traceback" not in output and output.strip().splitlines()[-1].startswith("rcm.train: error: ")
+    assert "/nonexistent/teacher.pth" in output.strip().splitlines()[-1]
+    process = _start(overrides, RCM_DEBUG="1")
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 1
     assert "Traceback (most recent call last)" in output and "/nonexistent/teacher.pth" in output
