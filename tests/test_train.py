@@ -231,3 +231,14 @@ def test_trainer_applies_the_decay_and_the_config_checks_it(toy_setup, tmp_path)
         rcm_config(toy_setup, tmp_path / "bad", 6, ["optim.decay=exp"])
     with pytest.raises(ConfigError, match="optim.min_lr_ratio must be in"):
         rcm_config(toy_setup, tmp_path / "bad", 6, ["optim.min_lr_ratio=2"])
+
+
+def test_a_config_error_is_one_sentence_without_a_traceback(tmp_path):
+    """The toolkit's own validation (not Hydra's) used to print a traceback before its sentence."""
+    result = subprocess.run([sys.executable, "-m", "rcm.train", "experiment=toy_rcm", f"run_dir={tmp_path / 'run'}",
+                             "train.mixed_precision=fp8"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "rcm.train: error: train.mixed_precision must be 'bf16' or 'none', got 'fp8' (set RCM_DEBUG=1 for the traceback)"]

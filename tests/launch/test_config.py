@@ -52,3 +52,19 @@ def test_launch_section_is_validated():
     load_config(["experiment=toy_rcm", "launch.hang_timeout_minutes=0"])  # 0 disables the watchdog
     with pytest.raises(ConfigError, match="launch.max_requeue"):
         load_config(["experiment=toy_rcm", "+launch.max_requeue=3"])
+
+
+def test_lease_timeout_must_outlast_two_heartbeats():
+    """A lease refreshed every heartbeat_every_s would look stale to a newcomer between two refreshes otherwise."""
+    assert load_config(["experiment=toy_rcm"]).launch.lease_timeout_minutes == 10.0
+    load_config(["experiment=toy_rcm", "launch.heartbeat_every_s=30", "launch.lease_timeout_minutes=1.01"])
+    with pytest.raises(ConfigError, match=r"launch.lease_timeout_minutes \(1.0\) must be longer than two heartbeats"):
+        load_config(["experiment=toy_rcm", "launch.heartbeat_every_s=30", "launch.lease_timeout_minutes=1"])
+
+
+def test_non_finite_budget_keys_are_validated():
+    cfg = load_config(["experiment=toy_rcm"])
+    assert (cfg.train.max_skipped_updates, cfg.train.skipped_updates_window) == (10, 100)
+    for override in ("train.max_skipped_updates=-1", "train.skipped_updates_window=0"):
+        with pytest.raises(ConfigError, match="train.max_skipped_updates must be at least 0"):
+            load_config(["experiment=toy_rcm", override])
