@@ -190,3 +190,44 @@ def test_the_training_cli_refuses_a_leased_run_directory_in_one_sentence(toy_set
     # Hydra's own .hydra/ and train.log (hydra.run.dir is run_dir) aside, nothing of the run was written.
     assert sorted(p.name for p in run_dir.iterdir() if p.name not in (".hydra", "train.log")) == ["LEASE"]
     assert lease_of(run_dir)["token"] == "theirs"
+
+
+@pytest.mark.slurm
+def test_a_requeued_slurm_job_takes_over_its_own_lease_at_once(tmp_path):
+    """Segment 0 takes the lease and is killed by `scontrol requeue` without releasing it; segment 1 (same job id)
+    takes it over at once, with a fresh heartbeat on the file, saying why."""
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    script = tmp_path / "job.sh"
+    script.write_text(f"""#!/bin/bash
+cd {REPO}
+exec {sys.executable} -c '
+import logging, os, sys, time
+logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+from rcm.launch.lease import RunLease
+lease = RunLease("{run_dir}", timeout_s=600, refresh_every_s=0.5, settle_s=0.1)
+lease.acquire()
+print("HELD", os.environ.get("SLURM_RESTART_COUNT", "0"), flush=True)
+if os.environ.get("SLURM_RESTART_COUNT", "0") != "0":
+    lease.release()
+    sys.exit(0)
+time.sleep(120)  # killed by the requeue (SIGTERM, no handler): the lease is left behind
+'
+""")
+    job_id = subprocess.run(["sbatch", "--parsable", "--requeue", "--open-mode=append", "-J", f"lease-{os.getpid()}",
+                             "-o", str(log), str(script)], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        deadline = time.time() + 60
+        while not (log.is_file() and "HELD 0" in log.read_text()):
+            assert time.time() < deadline, "segment 0 never took the lease"
+            time.sleep(0.2)
+        left = lease_of(run_dir)
+        subprocess.run(["scontrol", "requeue", job_id], check=True)
+        deadline = time.time() + 120
+        while "HELD 1" not in log.read_text():
+            assert time.time() < deadline, f"segment 1 never took the lease: {log.read_text()[-2000:]}"
+            time.sleep(0.2)
+        text = log.read_text()
+        assert f"Slurm job {job_id} was requeued" in text and "took over the lease" in text
+        assert left["job_id"] == job_id and left["pid"] is not None
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True)
