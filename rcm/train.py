@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rcm.cli_errors import UserError, run_cli
+from rcm.cli_errors import UserError, debug_enabled, run_cli
 from rcm.config import validate_config
 from rcm.launch.heartbeat import Heartbeat, describe_heartbeats
 from rcm.launch.lease import LeaseHeld, RunLease, lease_run_directory
@@ -30,6 +30,9 @@ from rcm.training.step import lr_factor, set_learning_rate, train_step
 __all__ = ["Trainer", "train", "build_network", "lr_factor", "load_negative_embedding", "main"]
 
 log = logging.getLogger("rcm.train")
+# Failures whose message names the bad file or key: they end in that one sentence. Anything else is a crash
+# (a collective timing out, out of memory, a bug) and its traceback goes to the log as well.
+INPUT_ERRORS = (UserError, FileNotFoundError, ValueError)
 
 
 class Trainer(TrainingState):
@@ -110,10 +113,10 @@ def train(cfg: Any) -> dict[str, Any]:
             stop_and_requeue(stop.agreed_signal, info, launch.requeue, launch.max_requeues)
         return result
     except Exception as error:
-        if info.world_size > 1 and not isinstance(error, UserError):  # a crash, not a message: who else is stuck?
+        if not isinstance(error, INPUT_ERRORS):  # a crash, not bad input: its traceback, and who else is stuck
             behind = describe_heartbeats(heartbeats, stale_after_s=2 * launch.heartbeat_every_s + 10)
             log.error("rank %d of %d failed%s", info.rank, info.world_size,
-                      f"; ranks that froze or fell behind:\n{behind}" if behind else "")
+                      f"; ranks that froze or fell behind:\n{behind}" if behind else "", exc_info=not debug_enabled())
         raise
     finally:
         heartbeat.close()

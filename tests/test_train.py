@@ -242,3 +242,27 @@ def test_a_config_error_is_one_sentence_without_a_traceback(tmp_path):
     assert "Traceback" not in result.stdout + result.stderr
     assert result.stderr.strip().splitlines() == [
         "rcm.train: error: train.mixed_precision must be 'bf16' or 'none', got 'fp8' (set RCM_DEBUG=1 for the traceback)"]
+
+
+@pytest.mark.parametrize("failure, logged", [(RuntimeError("NCCL watchdog timeout"), True),
+                                             (ConfigError("data.shards: no shard"), False)])
+def test_a_crash_logs_its_traceback_and_bad_input_only_its_sentence(tmp_path, monkeypatch, caplog, failure, logged):
+    """Bad input ends in its one sentence (rcm.cli_errors); a crash also leaves its traceback in the log, where a
+    collective timeout on a cluster must be diagnosed after the fact."""
+    import rcm.train
+
+    class Failing:
+        def __init__(self, *args):
+            pass
+
+        def run(self, *args):
+            raise failure
+
+    monkeypatch.setattr(rcm.train, "Trainer", Failing)
+    monkeypatch.delenv("RCM_DEBUG", raising=False)
+    cfg = load_config(["experiment=toy_rcm", f"run_dir={tmp_path / 'run'}", "train.device=cpu"])
+    with pytest.raises(type(failure)):
+        train(cfg)
+    records = [r for r in caplog.records if "rank 0 of 1 failed" in r.getMessage()]
+    assert bool(records) == logged and all(r.exc_info and r.exc_info[1] is failure for r in records)
+    assert not (tmp_path / "run" / "LEASE").exists()  # released on the way out
