@@ -405,7 +405,10 @@ class CheckpointManager:
             problems = verify_checkpoint(path, check_crc=False)
             if problems:
                 raise CheckpointCorruptError(f"cannot load checkpoint {path}: " + "; ".join(problems[:3])) from error
-            raise
+            # Intact files that still do not load: another model or optimizer, or metadata changed in a way that
+            # stays self-consistent (a renamed key).
+            raise CheckpointCorruptError(f"cannot load checkpoint {path} into this run's state ({_short_reason(error)}):"
+                                         " it was saved for another model or optimizer, or its .metadata is damaged") from error
 
     def saved_world_size(self, path: str | Path) -> int:
         """How many ranks wrote the checkpoint."""

@@ -19,6 +19,7 @@ _LOCAL_HEADER = 0x04034B50
 _CENTRAL_HEADER = 0x02014B50
 _DATA_DESCRIPTOR = 0x08074B50
 _HAS_DATA_DESCRIPTOR = 0x08
+_ENCRYPTION_FLAGS = 0x1 | 0x40 | 0x2000  # encrypted, strong encryption, masked local headers
 _CRC_CHUNK = 64 << 20  # bytes hashed per read: bounds memory on multi-GB records
 
 
@@ -82,28 +83,86 @@ def read_records(fd: int, start: int = 0, length: int | None = None) -> list[Zip
     view = FileSlice(fd, start, length)
     try:
         archive = zipfile.ZipFile(io.BufferedReader(view, buffer_size=1 << 16))
-    except (zipfile.BadZipFile, OSError, ValueError, struct.error) as error:
+    except (zipfile.BadZipFile, OSError, ValueError, struct.error, NotImplementedError) as error:
         raise ZipFormatError(f"not a readable torch.save container ({error})") from error
-    records = []
-    central = start + archive.start_dir
-    for info in archive.infolist():
-        header = os.pread(fd, 46, central)
-        if len(header) < 46 or struct.unpack_from("<I", header)[0] != _CENTRAL_HEADER:
-            raise ZipFormatError(f"central directory entry of {info.filename!r} is damaged")
-        name_len, extra_len, comment_len = struct.unpack_from("<HHH", header, 28)
-        local = os.pread(fd, 30, start + info.header_offset)
-        if len(local) < 30 or struct.unpack_from("<I", local)[0] != _LOCAL_HEADER:
-            raise ZipFormatError(f"local header of record {info.filename!r} is damaged")
-        if info.compress_type != zipfile.ZIP_STORED:
-            raise ZipFormatError(f"record {info.filename!r} is compressed; torch.save never compresses")
-        local_name_len, local_extra_len = struct.unpack_from("<HH", local, 26)
-        data_offset = start + info.header_offset + 30 + local_name_len + local_extra_len
-        descriptor = data_offset + info.file_size if info.flag_bits & _HAS_DATA_DESCRIPTOR else None
-        if data_offset + info.file_size > start + length:
-            raise ZipFormatError(f"record {info.filename!r} runs past the end of the data (truncated)")
-        records.append(ZipRecord(info.filename, data_offset, info.file_size, info.CRC, central, descriptor))
-        central += 46 + name_len + extra_len + comment_len
+    try:
+        records = []
+        central = start + archive.start_dir
+        for info in archive.infolist():
+            header = os.pread(fd, 46, central)
+            if len(header) < 46 or struct.unpack_from("<I", header)[0] != _CENTRAL_HEADER:
+                raise ZipFormatError(f"central directory entry of {info.filename!r} is damaged")
+            name_len, extra_len, comment_len, disk_start = struct.unpack_from("<HHHH", header, 28)
+            if disk_start not in (0, 0xFFFF):  # 0xFFFF: in the zip64 extra field
+                raise ZipFormatError(f"central directory entry of {info.filename!r} is damaged (disk {disk_start})")
+            local = os.pread(fd, 30, start + info.header_offset)
+            if len(local) < 30 or struct.unpack_from("<I", local)[0] != _LOCAL_HEADER:
+                raise ZipFormatError(f"local header of record {info.filename!r} is damaged")
+            if info.flag_bits & _ENCRYPTION_FLAGS:
+                raise ZipFormatError(f"record {info.filename!r} is marked encrypted; torch.save never encrypts")
+            if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+                raise ZipFormatError(f"record {info.filename!r} is compressed, or its sizes disagree; torch.save "
+                                     "stores records uncompressed")
+            local_name_len, local_extra_len = struct.unpack_from("<HH", local, 26)
+            # torch's reader finds records by the names in the headers, which no CRC covers.
+            stored_name = os.pread(fd, local_name_len, start + info.header_offset + 30)
+            if stored_name != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437"):
+                raise ZipFormatError(f"the local header of record {info.filename!r} names it {stored_name!r}")
+            data_offset = start + info.header_offset + 30 + local_name_len + local_extra_len
+            descriptor = data_offset + info.file_size if info.flag_bits & _HAS_DATA_DESCRIPTOR else None
+            if info.header_offset < 0 or data_offset + info.file_size > start + length:
+                raise ZipFormatError(f"record {info.filename!r} runs past the end of the data (truncated)")
+            records.append(ZipRecord(info.filename, data_offset, info.file_size, info.CRC, central, descriptor))
+            central += 46 + name_len + extra_len + comment_len
+        if central != start + _check_end_records(fd, start, length):
+            raise ZipFormatError("the central directory's entries do not end where the end-of-archive record starts")
+    except (OSError, struct.error, OverflowError) as error:  # e.g. a damaged offset pointing before the file
+        raise ZipFormatError(f"a record's position is damaged ({error})") from error
+    _check_names([record.name for record in records])
     return records
+
+
+_END_OF_CENTRAL_DIRECTORY = 0x06054B50
+_ZIP64_END_LOCATOR = 0x07064B50
+_ZIP64_END_OF_CENTRAL_DIRECTORY = 0x06064B50
+
+
+def _check_end_records(fd: int, start: int, length: int) -> int:
+    """The end-of-archive records name one disk and fit together (Python's zipfile ignores fields torch's reader
+    refuses); returns where the central directory must end, relative to ``start``."""
+    end = os.pread(fd, 22, start + length - 22)
+    if len(end) < 22 or struct.unpack_from("<I", end)[0] != _END_OF_CENTRAL_DIRECTORY:
+        raise ZipFormatError("it does not end with an end-of-archive record (torch.save writes it last, without a "
+                             "comment): the item's length or its last bytes are damaged")
+    disk, directory_disk, on_disk, total = struct.unpack_from("<HHHH", end, 4)
+    if disk or directory_disk or on_disk != total:
+        raise ZipFormatError("the end-of-archive record is damaged (it describes a multi-disk archive)")
+    locator = os.pread(fd, 20, start + length - 42)
+    if len(locator) < 20 or struct.unpack_from("<I", locator)[0] != _ZIP64_END_LOCATOR:
+        return length - 22
+    disk, record_offset, total_disks = struct.unpack_from("<IQI", locator, 4)
+    if disk or total_disks != 1:
+        raise ZipFormatError("the zip64 end-of-archive locator is damaged (it describes a multi-disk archive)")
+    record = os.pread(fd, 56, start + record_offset) if record_offset < length else b""
+    if len(record) < 56 or struct.unpack_from("<I", record)[0] != _ZIP64_END_OF_CENTRAL_DIRECTORY:
+        raise ZipFormatError("the zip64 end-of-archive locator points to no zip64 end record")
+    disk, directory_disk, on_disk, total = struct.unpack_from("<IIQQ", record, 16)
+    if disk or directory_disk or on_disk != total:
+        raise ZipFormatError("the zip64 end-of-archive record is damaged (it describes a multi-disk archive)")
+    if record_offset + 12 + struct.unpack_from("<Q", record, 4)[0] != length - 42:
+        raise ZipFormatError("the zip64 end-of-archive record's size is damaged")
+    return record_offset
+
+
+def _check_names(names: list[str]) -> None:
+    """Every record in one top-level folder, which holds the pickle and the version record torch.load needs."""
+    prefixes = {name.split("/", 1)[0] for name in names}
+    if len(prefixes) != 1:
+        raise ZipFormatError(f"its records are not in one folder (record names start with {sorted(prefixes)[:4]})")
+    prefix = prefixes.pop()
+    for needed in ("data.pkl", "version"):
+        if f"{prefix}/{needed}" not in names and f"{prefix}/.data/{needed}" not in names:
+            raise ZipFormatError(f"it has no record '{prefix}/{needed}' (names: {names[:8]})")
 
 
 def crc32_of_range(fd: int, offset: int, size: int) -> int:

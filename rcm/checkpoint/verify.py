@@ -12,6 +12,7 @@ import pickle
 from collections import defaultdict
 from pathlib import Path
 
+import torch
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
 from rcm.checkpoint.layout import (COMPLETE_MARKER, LEGACY_MAGIC, METADATA_FILE, ZIP_MAGIC, CheckpointCorruptError, read_marker,
@@ -34,7 +35,57 @@ def read_metadata(path: str | Path) -> Metadata:
         raise CheckpointCorruptError(f"{metadata_file} is unreadable ({type(error).__name__}: {error}); the checkpoint is damaged") from error
     if not isinstance(metadata, Metadata):
         raise CheckpointCorruptError(f"{metadata_file} does not hold DCP metadata (found {type(metadata).__name__})")
+    try:
+        problem = _metadata_problem(metadata)
+    except Exception as error:  # a damaged pickle can put any object anywhere
+        problem = f"its structure is malformed ({type(error).__name__}: {error})"
+    if problem:
+        raise CheckpointCorruptError(f"{metadata_file} is damaged: {problem}")
     return metadata
+
+
+def _metadata_problem(metadata: Metadata) -> str | None:
+    """What is impossible in unpickled DCP metadata (the file has no checksum: a flipped bit may still unpickle)."""
+    entries, storage = metadata.state_dict_metadata, metadata.storage_data
+    if not isinstance(entries, dict) or not isinstance(storage, dict):
+        return "it lacks the entry and storage tables"
+    stored = set()
+    for index, info in storage.items():
+        fqn = getattr(index, "fqn", None)
+        if fqn not in entries:
+            return f"a stored item names '{fqn}', which no entry describes"
+        if not (isinstance(info.relative_path, str) and Path(info.relative_path).name == info.relative_path
+                and _is_count(info.offset) and _is_count(info.length)):
+            return f"item '{fqn}' has an impossible place ({info.relative_path!r}, byte {info.offset!r}, {info.length!r} bytes)"
+        stored.add((fqn, tuple(index.offset) if index.offset is not None else None))
+    for fqn, entry in entries.items():
+        if not isinstance(fqn, str):
+            return f"an entry name is a {type(fqn).__name__}"
+        if isinstance(entry, BytesStorageMetadata):
+            continue
+        if not isinstance(entry, TensorStorageMetadata):
+            return f"entry '{fqn}' is described by a {type(entry).__name__}"
+        if not isinstance(entry.properties.dtype, torch.dtype):
+            return f"entry '{fqn}' has no tensor dtype (found {type(entry.properties.dtype).__name__})"
+        size = tuple(entry.size)
+        if not all(_is_count(n) for n in size):
+            return f"entry '{fqn}' has an impossible size {size}"
+        covered = 0
+        for chunk in entry.chunks:
+            offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
+            if len(offsets) != len(size) or len(sizes) != len(size) or not all(
+                    _is_count(o) and _is_count(n) and o + n <= whole for o, n, whole in zip(offsets, sizes, size)):
+                return f"entry '{fqn}' of size {size} has an impossible chunk at {offsets} of {sizes}"
+            if (fqn, offsets) not in stored:
+                return f"entry '{fqn}' has a chunk at {offsets} that no stored item holds"
+            covered += math.prod(sizes)
+        if covered != math.prod(size):
+            return f"the chunks of entry '{fqn}' cover {covered} of its {math.prod(size)} elements"
+    return None
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def expected_nbytes(metadata: Metadata, fqn: str, chunk_offsets) -> int | None:
