@@ -59,9 +59,7 @@ def train_step(state: TrainingState) -> StepOutcome:
     batch = next(state.loader)
     bad_inputs = nonfinite_samples(batch)  # on the host, before the copy: names the sample, not a tensor row
     if bad_inputs:
-        log.warning("iteration %d: non-finite values in %s", state.iteration,
-                    "; ".join(f"the {name} of sample {key} in shard {shard}" for shard, key, name in bad_inputs[:3])
-                    + (f" and {len(bad_inputs) - 3} more" if len(bad_inputs) > 3 else ""))
+        _warn_nonfinite_input(state.iteration, bad_inputs)
     batch = {k: v.to(state.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     role = STUDENT if state.distiller.method == "flow_matching" else state.distiller.kind(state.iteration)
     network, optimizer = state.networks()[role], state.optimizers[role]
@@ -80,11 +78,11 @@ def train_step(state: TrainingState) -> StepOutcome:
     if isinstance(grad_norm, DTensor):
         grad_norm = grad_norm.full_tensor()
     update_skipped = not torch.isfinite(grad_norm)
-    if not update_skipped:
-        optimizer.step()
-    else:  # a NaN that the loss guards could not stop (e.g. inside the network): skip, don't poison Adam
+    if update_skipped:  # a NaN that the loss guards could not stop (e.g. inside the network): skip, don't poison Adam
         state.skipped_steps += 1
         log.warning("iteration %d: non-finite %s gradient norm, update skipped", state.iteration, role)
+    else:
+        optimizer.step()
     if role == STUDENT:
         state.ema.update(state.student, state.student_iteration)
         state.student_iteration += 1
@@ -94,3 +92,10 @@ def train_step(state: TrainingState) -> StepOutcome:
     return StepOutcome(logs={"role": role, f"grad_norm/{role}": float(grad_norm), **result.logs},
                        update_skipped=update_skipped, nonfinite_samples=int(nonfinite),
                        samples=len(batch["key"]), shards=list(batch["shard"]), bad_inputs=bad_inputs)
+
+
+def _warn_nonfinite_input(iteration: int, bad_inputs: list[tuple[str, str, str]]) -> None:
+    """One warning naming the first few samples of the batch whose input is NaN or infinite."""
+    named = "; ".join(f"the {name} of sample {key} in shard {shard}" for shard, key, name in bad_inputs[:3])
+    more = f" and {len(bad_inputs) - 3} more" if len(bad_inputs) > 3 else ""
+    log.warning("iteration %d: non-finite values in %s%s", iteration, named, more)

@@ -231,3 +231,25 @@ time.sleep(120)  # killed by the requeue (SIGTERM, no handler): the lease is lef
         assert left["job_id"] == job_id and left["pid"] is not None
     finally:
         subprocess.run(["scancel", job_id], capture_output=True)
+
+
+def test_a_run_that_lost_its_lease_stops_before_saving(toy_setup, tmp_path):
+    """The refresh found another holder: the loop ends at the next iteration, before its checkpoint is written."""
+    import torch
+
+    from rcm.config import load_config
+    from rcm.parallel.distributed import DistributedInfo
+    from rcm.train import Trainer
+    from tests.launch.toy_run import toy_overrides
+
+    run_dir = tmp_path / "run"
+    trainer = Trainer(load_config([*toy_overrides(toy_setup, 4, save_every=1), f"run_dir={run_dir}"]),
+                      torch.device("cpu"), DistributedInfo())
+    lease = RunLease(run_dir, timeout_s=60, refresh_every_s=100)
+    lease.acquire()
+    write_holder(run_dir, token="newcomer")
+    assert not lease.refresh()
+    with pytest.raises(LeaseHeld, match="lost the lease .* at iteration 1"):
+        trainer.run(lease=lease)
+    assert not list(run_dir.glob("checkpoints/iter_*"))
+    lease.release()
