@@ -146,7 +146,8 @@ def main() -> None:
     started = time.time()
     data_dir = build_data(out, 16384)
     teacher_dir = out / "toy_teacher"
-    train_run("toy_teacher", teacher_dir, data_dir, [f"train.max_iters={args.teacher_iters}"])
+    # A few threads: the toy is too small for more (16 threads took 447 s for what 2 do in ~150 s).
+    train_run("toy_teacher", teacher_dir, data_dir, [f"train.max_iters={args.teacher_iters}"], threads=2)
     print(f"[quality] teacher ready ({time.time() - started:.0f} s)", flush=True)
     mixture = ToyMixture.load(data_dir / "ground_truth.pt")
 

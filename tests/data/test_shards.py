@@ -210,3 +210,12 @@ def test_bad_embedding_is_rejected(tmp_path, embed_shape):
     _write_raw_shard(tmp_path / "shard-000000.tar", {"000000000": members})
     with pytest.raises(ShardError, match=r"embedding of sample 000000000"):
         next(_loader(tmp_path, 1))
+
+
+def test_longer_latents_keep_their_first_frames(tmp_path):
+    """A latent with more frames than data.latent_shape trains on its first ones (the 1.3B recipe's 20 of 21)."""
+    long_latent = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
+    members = {**_good_members(0), "latent.pt": _tensor_bytes(long_latent)}
+    _write_raw_shard(tmp_path / "shard-000000.tar", {"000000000": members})
+    batch = next(_loader(tmp_path, 1))
+    assert torch.equal(batch["latent"][0], long_latent[:, :1])
