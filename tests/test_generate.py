@@ -327,3 +327,99 @@ def test_safetensors_student_directory_gives_the_pth_latent(release, tmp_path):
     argv[argv.index("--dit_path") + 1] = str(tmp_path / "dit")
     assert generate.main(argv) == 0
     torch.testing.assert_close(torch.load(tmp_path / "st.pt"), torch.load(tmp_path / "pth.pt"), rtol=0, atol=0)
+
+
+def embedding_args(release, save_path, dit_path, embedding):
+    """Latents only from a precomputed embedding (no text encoder, no VAE)."""
+    args = cli_args(release, save_path, "--embedding", str(embedding), video=False, text=False)
+    args[args.index("--dit_path") + 1] = str(dit_path)
+    return args
+
+
+@pytest.fixture
+def embedding(tmp_path):
+    """A (tokens, text_dim) embedding of the tiny preset."""
+    text_dim = load_config(["model=tiny", "distill.method=flow_matching"]).model.text_dim
+    torch.save(torch.randn(3, text_dim, generator=torch.Generator().manual_seed(0)), tmp_path / "prompt.pt")
+    return tmp_path / "prompt.pt"
+
+
+@pytest.mark.parametrize("content, expected", [
+    ([1, 2, 3], "holds a list of 3 items, not a state dict of network weights"),
+    (torch.zeros(4), "holds a single tensor of shape (4,), not a state dict of network weights"),
+    ("text", "is not a torch checkpoint"),
+])
+def test_dit_path_that_is_no_checkpoint_is_one_sentence(release, tmp_path, capsys, embedding, content, expected):
+    """A .pth holding a list or a tensor, or a text file, as --dit_path: exit 2 naming the flag, the file and what
+    it holds; nothing is written."""
+    dit_path = tmp_path / "odd.pth"
+    dit_path.write_text("hello\n") if content == "text" else torch.save(content, dit_path)
+    assert generate.main(embedding_args(release, tmp_path / "x.pt", dit_path, embedding)) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: --dit_path: {dit_path} ") and expected in last_line
+    assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("content, expected", [
+    ([1, 2, 3], "--embedding {path} holds a list of 3 items, not a float tensor of text embeddings"),
+    ("text", "--embedding: {path} is not a torch checkpoint"),
+])
+def test_embedding_that_is_no_tensor_is_one_sentence(release, tmp_path, capsys, content, expected):
+    path = tmp_path / "odd.pt"
+    path.write_text("hello\n") if content == "text" else torch.save(content, path)
+    assert generate.main(embedding_args(release, tmp_path / "x.pt", release["root"] / "student.pth", path)) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("error: " + expected.format(path=path))
+
+
+@pytest.fixture
+def damaged_run(release, tmp_path):
+    """A run directory of the tiny preset with checkpoints at iterations 1 and 2 (EMA = the release's student, and
+    that plus 0.01); the newest has one flipped exponent bit in its EMA's largest tensor."""
+    from omegaconf import OmegaConf
+
+    from rcm.checkpoint.manager import CheckpointManager
+    from tests.checkpoint.test_load_path import flip_exponent_bit
+
+    run = tmp_path / "run"
+    run.mkdir()
+    OmegaConf.save(load_config(["model=tiny", "distill.method=flow_matching"]), run / "config.yaml")
+    weights = torch.load(release["root"] / "student.pth", weights_only=True)
+    manager = CheckpointManager(run / "checkpoints", keep_last=5)
+    for iteration in (1, 2):
+        ema = {name: value + 0.01 * (iteration - 1) for name, value in weights.items()}
+        manager.save(iteration, {"ema": ema}, {"iteration": iteration}, wait=True)
+    flip_exponent_bit(run / "checkpoints/iter_000000002")
+    return run
+
+
+def test_a_damaged_ema_weight_falls_back_to_the_previous_checkpoint(release, damaged_run, tmp_path, caplog, embedding):
+    """The issue's case (one flipped exponent bit in an EMA weight gave NaN latents and exit 0): generate warns,
+    naming the damaged shard, and samples with iteration 1's weights: the latents of the release's student."""
+    args = embedding_args(release, tmp_path / "run.pt", damaged_run, embedding)
+    args.remove("--model"), args.remove("tiny")
+    with caplog.at_level("WARNING"):
+        assert generate.main(args) == 0
+    assert f"skipping damaged checkpoint {damaged_run / 'checkpoints/iter_000000002'}" in caplog.text
+    assert generate.main(embedding_args(release, tmp_path / "pth.pt", release["root"] / "student.pth", embedding)) == 0
+    latents = torch.load(tmp_path / "run.pt")
+    assert torch.isfinite(latents).all()
+    torch.testing.assert_close(latents, torch.load(tmp_path / "pth.pt"), rtol=0, atol=0)
+
+
+def test_every_checkpoint_damaged_exits_2_naming_the_files(release, damaged_run, tmp_path, capsys, embedding):
+    from tests.checkpoint.damage import flip_tensor_byte
+
+    shard = flip_tensor_byte(damaged_run / "checkpoints/iter_000000001")
+    args = embedding_args(release, tmp_path / "run.pt", damaged_run, embedding)
+    assert generate.main(args) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: every checkpoint in {damaged_run / 'checkpoints'} is damaged")
+    assert str(shard) in last_line and not (tmp_path / "run.pt").exists()
+
+
+def test_non_finite_latents_are_not_written(release, tmp_path, capsys, embedding, monkeypatch):
+    """Finite weights whose sampling still overflows: an error, not a file of NaN latents."""
+    monkeypatch.setattr(generate, "sample_latents", lambda *args: [torch.full((1, *LATENT), float("nan"))])
+    assert generate.main(embedding_args(release, tmp_path / "x.pt", release["root"] / "student.pth", embedding)) == 2
+    assert "sampling gave non-finite latents" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()

@@ -108,3 +108,45 @@ def test_official_safetensors_shards_inspect_and_convert_to_dcp(tmp_path, capsys
         assert torch.equal(value, state[name].to(torch.bfloat16).float()), name
     assert main(["pth-to-dcp", str(source), str(tmp_path / "other.dcp"), "--select", "ema"]) == 2
     assert "--select applies to torch.save files" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("text", "is not a torch checkpoint (torch.save files are zip archives starting with 'PK'; this one starts with 'hell')"),
+    ([1, 2, 3], "holds a list of 3 items, not a state dict: it is no checkpoint"),
+    (torch.ones(2), "holds a single tensor of shape (2,), not a state dict: it is no checkpoint"),
+    ({"step": 3}, "holds a dict without any tensor (1 keys), not a checkpoint"),
+])
+def test_inspect_of_something_that_is_no_checkpoint_fails_in_one_line(tmp_path, capsys, content, expected):
+    """inspect on a text file, or a .pth holding a list, a tensor or no tensor: exit 2, one line naming the file."""
+    path = tmp_path / "odd.pth"
+    path.write_text("hello world\n") if content == "text" else torch.save(content, path)
+    assert main(["inspect", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"error: {path} {expected}\n" and "total:" not in captured.out
+
+
+def test_pth_to_dcp_onto_an_existing_checkpoint_or_from_a_directory(tmp_path, capsys):
+    """Onto an existing DCP directory: says it exists and how to overwrite (which then works); a DCP directory as
+    the source: says it is a directory, not a torch.save file."""
+    torch.save({"w": torch.ones(3)}, tmp_path / "m.pth")
+    assert main(["pth-to-dcp", str(tmp_path / "m.pth"), str(tmp_path / "d")]) == 0
+    capsys.readouterr()
+    assert main(["pth-to-dcp", str(tmp_path / "m.pth"), str(tmp_path / "d")]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'd'} exists (a DCP checkpoint directory); pass --overwrite "
+                                       "to replace it, or choose another destination\n")
+    torch.save({"w": torch.zeros(3)}, tmp_path / "m.pth")
+    assert main(["pth-to-dcp", str(tmp_path / "m.pth"), str(tmp_path / "d"), "--overwrite"]) == 0
+    assert main(["dcp-to-pth", str(tmp_path / "d"), str(tmp_path / "back.pth")]) == 0
+    assert torch.equal(torch.load(tmp_path / "back.pth")["w"], torch.zeros(3))
+    capsys.readouterr()
+    assert main(["pth-to-dcp", str(tmp_path / "d"), str(tmp_path / "e")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'd'} is a directory, not a torch.save file")
+
+
+def test_the_module_fails_without_a_traceback(tmp_path):
+    """`python -m checkpoints_util inspect notes.txt`: exit status 2 and one line on stderr."""
+    (tmp_path / "notes.txt").write_text("hello world\n")
+    result = subprocess.run([sys.executable, "-m", "checkpoints_util", "inspect", str(tmp_path / "notes.txt")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "is not a torch checkpoint" in result.stderr and "Traceback" not in result.stderr

@@ -273,3 +273,44 @@ def test_student_sigma_max_defaults_to_the_runs_recipe(inputs, tmp_path):
     assert [s.sigma_max for s in plan.settings] == [1600.0]
     plan = plan_evaluation(parse_args(["--checkpoint", str(inputs / "student.pth"), "--model", TINY_PRESET, *common]))
     assert [s.sigma_max for s in plan.settings] == [80.0]
+
+
+@pytest.mark.parametrize("content, model, expected", [
+    ("text", None, "is not a torch checkpoint"),
+    ([1, 2, 3], TINY_PRESET, "holds a list of 3 items, not a state dict of network weights"),
+])
+def test_run_that_is_no_checkpoint_is_one_sentence(inputs, tmp_path, capsys, content, model, expected):
+    """--run notes.txt, or a .pth holding a list: exit 2 with one line naming the file and what it is."""
+    path = tmp_path / ("notes.txt" if content == "text" else "list.pth")
+    path.write_text("some notes\n") if content == "text" else torch.save(content, path)
+    argv = ["--run", str(path), "--ground-truth", str(inputs / "ground_truth.pt"), "--steps", "1",
+            "--samples-per-prompt", "1", "--device", "cpu", "--out", str(tmp_path / "out")]
+    assert main(argv + (["--model", model] if model else [])) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith(f"error: {path} {expected}") and "Traceback" not in "\n".join(error)
+
+
+def test_every_checkpoint_damaged_ends_in_one_line_without_traceback(inputs, tmp_path):
+    """`python -m rcm.evaluate` on a run whose every checkpoint is damaged: exit 1, one line naming the damaged
+    shard (no traceback; RCM_DEBUG=1 would show it), no prompt file written."""
+    from omegaconf import OmegaConf
+
+    from rcm.checkpoint.manager import CheckpointManager
+    from rcm.config import load_config
+    from tests.checkpoint.damage import flip_tensor_byte
+
+    run = tmp_path / "run"
+    run.mkdir()
+    OmegaConf.save(load_config([f"model={TINY_PRESET}", "distill.method=flow_matching"]), run / "config.yaml")
+    weights = torch.load(inputs / "student.pth", weights_only=True)
+    checkpoint = CheckpointManager(run / "checkpoints").save(1, {"ema": weights}, {"iteration": 1}, wait=True)
+    shard = flip_tensor_byte(checkpoint)
+    result = subprocess.run([sys.executable, "-m", "rcm.evaluate", "--run", str(run), "--ground-truth",
+                             str(inputs / "ground_truth.pt"), "--steps", "1", "--samples-per-prompt", "1",
+                             "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "RCM_DEBUG": "0"})
+    assert result.returncode == 1, result.stderr[-3000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"rcm.evaluate: error: every checkpoint in {run / 'checkpoints'} is damaged")
+    assert str(shard) in last_line and "Traceback" not in result.stderr
+    assert not (run / "samples").exists()

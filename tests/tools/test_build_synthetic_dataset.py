@@ -124,3 +124,19 @@ def test_rerun_with_other_options_is_refused(tool, complete_build, inputs, capsy
     argv[argv.index("--seed") + 1] = "6"
     assert tool.main(argv) == 2
     assert "differing: seed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, expected", [
+    ([1, 2, 3], "holds a list of 3 items, not a state dict of network weights"),
+    ("text", "is not a torch checkpoint"),
+])
+def test_teacher_that_is_no_checkpoint_is_one_sentence(tool, inputs, tmp_path, capsys, content, expected):
+    """A teacher .pth holding a list, or a text file: exit 2 naming the file and what it is; no shard written."""
+    teacher = tmp_path / "teacher.pth"
+    teacher.write_text("notes\n") if content == "text" else torch.save(content, teacher)
+    argv = build_args(inputs, tmp_path / "out")
+    argv[argv.index("--teacher") + 1] = str(teacher)
+    assert tool.main(argv) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: {teacher} {expected}")
+    assert not list((tmp_path / "out").glob("shard-*.tar"))
