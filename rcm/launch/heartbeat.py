@@ -15,6 +15,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -86,20 +87,50 @@ def read_heartbeats(directory: str | Path) -> list[dict]:
     return records
 
 
-def describe_heartbeats(directory: str | Path, stale_after_s: float, now: float | None = None) -> str:
-    """One line per rank that went silent for ``stale_after_s`` (frozen) or is behind the others; '' if none."""
+def describe_heartbeats(directory: str | Path, stale_after_s: float, now: float | None = None,
+                        error: BaseException | str | None = None) -> str:
+    """One line per rank that went silent for ``stale_after_s`` (frozen), is behind the others, or whose host
+    ``error`` names (default: the exception being handled); '' if none."""
     records = [r for r in read_heartbeats(directory) if r.get("iteration") is not None]
     if not records:
         return ""
     now = time.time() if now is None else now
     newest = max(r["iteration"] for r in records)
+    error_text = str(sys.exc_info()[1] if error is None else error)
+    named = _hosts_named_in(error_text, {r["host"] for r in records})
     lines = []
     for r in records:
         where = f"rank {r['rank']} (host {r['host']}, pid {r['pid']})"
         silent_s, idle_s = now - r["time"], now - r["progress_time"]
-        if silent_s > stale_after_s:
+        if r["host"] in named:
+            # A crashed node's rank still looks fresh (its last beat is seconds old), but the peer that closed the
+            # connection is in the error as an address: the node or the process behind it is gone.
+            lines.append(f"{where}: lost, this rank's error names its address {named[r['host']]} "
+                         f"(its node or process is gone), last at iteration {r['iteration']}")
+        elif silent_s > stale_after_s:
             lines.append(f"{where}: silent for {silent_s:.0f} s (frozen or gone), last at iteration {r['iteration']}")
         elif r["iteration"] < newest:
             lines.append(f"{where}: at iteration {r['iteration']} while others reached {newest}, "
                          f"no progress for {idle_s:.0f} s")
     return "\n".join(lines)
+
+
+_IPV4 = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b")
+
+
+def _hosts_named_in(text: str, hosts: set[str]) -> dict[str, str]:
+    """{host: address} for each host whose IPv4 address appears in ``text`` (gloo and NCCL name the peer so)."""
+    addresses = set(_IPV4.findall(text))
+    if not addresses:
+        return {}
+    named = {}
+    for host in hosts:
+        if host == socket.gethostname():
+            continue  # this rank's own host: every address in its errors could be its own end
+        try:
+            host_addresses = set(socket.gethostbyname_ex(host)[2])
+        except OSError:
+            continue
+        if host_addresses & addresses:
+            named[host] = sorted(host_addresses & addresses)[0]
+    return named

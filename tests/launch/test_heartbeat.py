@@ -69,3 +69,26 @@ def test_closed_watchdog_stays_quiet(tmp_path):
         time.sleep(2)
     """)
     assert result.returncode == 0, result.stderr
+
+
+def test_description_names_the_rank_whose_node_address_the_error_names(tmp_path, monkeypatch):
+    """A crashed node's rank still has a fresh heartbeat; gloo's "Connection closed by peer [address]" is what
+    identifies it. Other ranks (and this rank's own host) are not blamed."""
+    import socket
+
+    now = time.time()
+    for rank, host in ((0, "n1"), (1, "n2"), (2, "n3")):
+        (tmp_path / f"rank_{rank:05d}.json").write_text(json.dumps(
+            {"rank": rank, "iteration": 9, "time": now - 1, "progress_time": now - 1, "host": host, "pid": 100 + rank}))
+    addresses = {"n1": "10.77.0.11", "n2": "10.77.0.12", "n3": "10.77.0.13"}
+    monkeypatch.setattr(socket, "gethostname", lambda: "n1")
+    monkeypatch.setattr(socket, "gethostbyname_ex", lambda host: (host, [], [addresses[host]]))
+    error = RuntimeError("[pair.cc:553] Connection closed by peer [10.77.0.12]:35999. This is typically caused by ...")
+    text = describe_heartbeats(tmp_path, stale_after_s=60, now=now, error=error)
+    assert text == "rank 1 (host n2, pid 101): lost, this rank's error names its address 10.77.0.12 (its node or " \
+                   "process is gone), last at iteration 9"
+    assert describe_heartbeats(tmp_path, stale_after_s=60, now=now, error="timed out after 1800000 ms") == ""
+    try:
+        raise error
+    except RuntimeError:  # without `error`, the exception being handled is read
+        assert "rank 1 (host n2" in describe_heartbeats(tmp_path, stale_after_s=60, now=now)
