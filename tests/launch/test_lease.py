@@ -3,7 +3,6 @@ holder is gone (dead process, old heartbeat, the same Slurm job requeued), also 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import socket
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from rcm.launch.lease import LeaseHeld, RunLease, _process_start_time, lease_run_directory
+from tests.forked import run_forked
 
 REPO = Path(__file__).resolve().parents[2]
 SLURM_KEYS = ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
@@ -132,15 +132,8 @@ def test_of_racing_processes_exactly_one_gets_the_lease(tmp_path, stale):
     run_dir = tmp_path / "run"
     if stale:
         write_holder(run_dir, host="elsewhere", heartbeat=time.time() - 3600)
-    context = multiprocessing.get_context("fork")
-    results = context.Queue()
     start_at = time.time() + 0.5
-    processes = [context.Process(target=_contend, args=(str(run_dir), start_at, results)) for _ in range(4)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(30)
-    outcomes = sorted(results.get(timeout=5) for _ in processes)
+    outcomes = sorted(run_forked(_contend, [(str(run_dir), start_at)] * 4))
     assert outcomes == ["held", "refused", "refused", "refused"]
 
 
@@ -160,15 +153,7 @@ def _rank(rank: int, run_dir: str, init_file: str, results) -> None:
 def test_every_rank_hears_that_the_main_rank_was_refused(tmp_path):
     """Only rank 0 reads the lease; rank 1 gets the same one-sentence refusal through the start collective."""
     write_holder(tmp_path / "run")
-    context = multiprocessing.get_context("fork")
-    results = context.Queue()
-    processes = [context.Process(target=_rank, args=(r, str(tmp_path / "run"), str(tmp_path / "init"), results))
-                 for r in range(2)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(60)
-    answers = dict(results.get(timeout=5) for _ in processes)
+    answers = dict(run_forked(_rank, [(r, str(tmp_path / "run"), str(tmp_path / "init")) for r in range(2)]))
     assert answers[0] == answers[1] and "is in use by another run" in answers[0] and "Slurm job 999" in answers[0]
 
 

@@ -2,7 +2,6 @@
 samples, instead of training to "success" with every update skipped."""
 from __future__ import annotations
 
-import multiprocessing
 import os
 import shutil
 import subprocess
@@ -14,6 +13,7 @@ import torch
 
 from rcm.data.shards import ShardLoader, nonfinite_samples, write_shards
 from rcm.training.nonfinite import NonFiniteBudget, NonFiniteBudgetExceeded, StepOutcome
+from tests.forked import run_forked
 
 REPO = Path(__file__).resolve().parents[2]
 LATENT_SHAPE, TEXT_LEN, TEXT_DIM = (4, 2, 8, 8), 8, 32
@@ -78,14 +78,7 @@ def _rank(rank: int, init_file: str, results) -> None:
 
 
 def test_every_rank_stops_at_the_same_iteration_naming_every_rank_s_shards(tmp_path):
-    context = multiprocessing.get_context("fork")
-    results = context.Queue()
-    processes = [context.Process(target=_rank, args=(r, str(tmp_path / "init"), results)) for r in range(2)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(60)
-    answers = dict(results.get(timeout=5) for _ in processes)
+    answers = dict(run_forked(_rank, [(r, str(tmp_path / "init")) for r in range(2)]))
     assert answers[0] == answers[1], answers
     assert "2 of the last 2 iterations (up to iteration 1)" in answers[0]
     assert "NaN or infinite input in shard r1.tar (samples 000 (latent), 001 (latent))" in answers[0]
