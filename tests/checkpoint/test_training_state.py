@@ -89,3 +89,41 @@ def test_saves_from_a_writer_process_resume_to_the_same_state(toy_setup, tmp_pat
 def test_checkpoint_options_are_validated(overrides, message):
     with pytest.raises(Exception, match=message):
         load_config(["experiment=toy_rcm", *overrides])
+
+
+def saved_ema(checkpoint: Path, like: dict) -> dict:
+    """The EMA entry of a training checkpoint, loaded into zeros shaped like ``like``."""
+    from rcm.checkpoint.manager import CheckpointManager
+
+    state = {"ema": {name: torch.zeros_like(value) for name, value in like.items()}}
+    CheckpointManager(checkpoint.parent).load_entries(checkpoint, state)
+    return state["ema"]
+
+
+def test_a_rerun_replaces_a_damaged_final_checkpoint_and_all_damaged_stops_it(toy_setup, tmp_path):
+    """The final checkpoint damaged after the run: a rerun resumes from the previous one, trains again and replaces
+    it, ending with a latest checkpoint that verifies and holds what the first run saved. With every checkpoint
+    damaged a run stops naming the files, not a silent restart from 0; train.restart_if_all_damaged=true allows it."""
+    from rcm.checkpoint.layout import CheckpointCorruptError
+    from rcm.checkpoint.verify import verify_checkpoint
+    from tests.checkpoint.damage import flip_tensor_byte
+
+    cfg = config(toy_setup, tmp_path / "run", 4, "train.async_save=false", "train.keep_last=2")
+    first = Trainer(cfg, torch.device("cpu"), DistributedInfo())
+    first.run()
+    final = tmp_path / "run/checkpoints/iter_000000004"
+    saved = saved_ema(final, first.ema.state_dict())
+    flip_tensor_byte(final)
+    rerun = Trainer(cfg, torch.device("cpu"), DistributedInfo())
+    rerun.run()
+    assert rerun.iteration == 4 and verify_checkpoint(final) == []
+    for name, value in saved_ema(final, first.ema.state_dict()).items():
+        assert torch.equal(value, saved[name]), name  # the resumed run recomputed the same state
+
+    shards = [flip_tensor_byte(tmp_path / f"run/checkpoints/iter_00000000{i}") for i in (2, 4)]
+    with pytest.raises(CheckpointCorruptError, match="every checkpoint in .* is damaged") as error:
+        Trainer(cfg, torch.device("cpu"), DistributedInfo()).run()
+    assert all(str(shard) in str(error.value) for shard in shards)
+    starting_over = Trainer(config(toy_setup, tmp_path / "run", 4, "train.restart_if_all_damaged=true"),
+                            torch.device("cpu"), DistributedInfo())
+    assert starting_over.resume() is False and starting_over.iteration == 0
