@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -217,3 +218,118 @@ def test_one_torchrun_per_node_trains_the_same_parameters_as_srun(two_by_two_sru
     assert record["JobState"] == "COMPLETED", text[-3000:]
     assert "2 x 2 ranks, rendezvous n1:" in text
     assert_close_weights(network_weights(srun_root / "run", overrides), network_weights(tmp_path / "run", overrides))
+
+
+# -- (3) drills on 2 nodes (1 rank per node), each compared with an uninterrupted run --
+DRILL_ITERS = 30
+
+
+def drill_overrides(toy_setup: Path) -> list[str]:
+    """The 2-rank toy run of the drills: a checkpoint after every iteration, all of them kept."""
+    return [*toy_overrides(toy_setup, DRILL_ITERS, save_every=1), "train.keep_last=1000"]
+
+
+def submit_drill(name: str, root: Path, toy_setup: Path, nodes: str = "--nodes=2") -> str:
+    """slurm/train_srun.sbatch with one rank per node; its log is root/job.out, its run directory root/run."""
+    return sbatch("train_srun.sbatch", name, root / "job.out", [nodes, "--ntasks-per-node=1", "--cpus-per-task=1"],
+                  [*drill_overrides(toy_setup), f"run_dir={root / 'run'}"])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_two_node_run(toy_setup, tmp_path_factory) -> Path:
+    """The drills' reference: the same 2-node job run straight through; its run directory."""
+    root = tmp_path_factory.mktemp("uninterrupted2n")
+    name = f"rcmmn-reference-{uuid.uuid4().hex[:6]}"
+    job_id = submit_drill(name, root, toy_setup)
+    try:
+        record = wait_for_state(job_id, ("COMPLETED", "FAILED", "CANCELLED"), 300)
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True, env=JOB_ENV)
+    assert record["JobState"] == "COMPLETED", (root / "job.out").read_text()[-3000:]
+    return root / "run"
+
+
+def test_pre_timeout_signal_on_two_nodes_checkpoints_requeues_and_resumes_bit_identical(
+        uninterrupted_two_node_run, toy_setup, tmp_path, job_name):
+    """USR2 (Slurm's pre-timeout signal) to the ranks on n1 and n2: both stop after the same iteration, the checkpoint
+    is written by both, rank 0 requeues, and the requeued 2-node job resumes to the uninterrupted end state."""
+    job_id = submit_drill(job_name, tmp_path, toy_setup)
+    wait_until(lambda: heartbeat(tmp_path / "run").get("iteration", -1) >= 4, 180, "the job to reach iteration 4")
+    slurm("scancel", "--signal=USR2", job_id)
+    record = wait_for_state(job_id, ("COMPLETED", "FAILED", "CANCELLED"), 300)
+    text = (tmp_path / "job.out").read_text(errors="replace")
+    stopped = re.search(r"stopped on SIGUSR2 at iteration (\d+)", text)
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", text[-3000:]
+    assert stopped and 4 <= int(stopped.group(1)) < DRILL_ITERS, text[-3000:]
+    assert len(rank_states(tmp_path / "run" / "checkpoints" / f"iter_{int(stopped.group(1)):09d}")) == 2
+    assert f"requeued job {job_id}" in text and "resumed from" in text
+    overrides = drill_overrides(toy_setup)
+    reference_iteration, reference = final_state(uninterrupted_two_node_run, overrides)
+    iteration, resumed = final_state(tmp_path / "run", overrides)
+    assert iteration == reference_iteration == DRILL_ITERS
+    assert_same_state(reference, resumed)
+    final = f"checkpoints/iter_{DRILL_ITERS:09d}"
+    assert same_value(rank_states(tmp_path / "run" / final), rank_states(uninterrupted_two_node_run / final))
+
+
+@pytest.fixture
+def restore_node_2():
+    """Node n2 is started again (and usable) after a drill that killed it."""
+    yield
+    cluster("node-start", "2")
+    wait_until(lambda: "n2 idle" in slurm("sinfo", "-h", "-N", "-o", "%N %T", check=False), 60, "n2 to be idle again")
+
+
+def test_node_loss_ends_the_job_naming_the_lost_node_and_the_resume_on_one_node_finishes(
+        uninterrupted_two_node_run, toy_setup, tmp_path, job_name, restore_node_2):
+    """Node n2 crashes mid-run (its slurmd and rank SIGKILLed): rank 0 on n1 fails at its next collective, the job
+    does not hang, and no half-written checkpoint is taken for complete. A fresh submission on the one remaining
+    node resumes the latest complete checkpoint (written by 2 ranks) with 1 rank and finishes; its end state equals
+    the uninterrupted 2-rank run continued on 1 rank from the same iteration."""
+    run_dir = tmp_path / "run"
+    job_id = submit_drill(job_name, tmp_path, toy_setup)
+    wait_until(lambda: heartbeat(run_dir).get("iteration", -1) >= 6, 180, "the job to reach iteration 6")
+    lost = heartbeat(run_dir, rank=1)
+    assert lost.get("host") == "n2", lost
+    killed_at = time.time()
+    cluster("node-kill", "2")
+    # Slurm requeues a batch job whose node failed (--requeue): it leaves RUNNING once n2 is declared DOWN.
+    record = wait_until(lambda: (r := job_record(job_id))["JobState"] != "RUNNING" and r, 120, "the job to stop running")
+    ended_after = time.time() - killed_at
+    slurm("scancel", job_id, check=False)  # the requeued job would wait for n2; resume on n1 instead
+    text = (tmp_path / "job.out").read_text(errors="replace")
+    named = rf"rank 0 of 2 failed; ranks that froze or fell behind:\nrank 1 \(host n2, pid {lost['pid']}\): lost, " \
+            r"this rank's error names its address 10\.77\.0\.12"
+    assert re.search(named, text), text[-3000:]
+    failed = re.search(r"\[([\d-]+ [\d:]+),(\d+)\]\[rcm\.train\]\[ERROR\] - rank 0 of 2 failed", text)
+    detected_after = datetime.strptime(failed.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(failed.group(2)) / 1000 - killed_at
+    assert detected_after < 10, detected_after  # the survivor's next collective fails at once, long before the timeout
+    assert ended_after < 60, ended_after  # Slurm declares n2 DOWN (SlurmdTimeout=10) and requeues the job
+    checkpoints = sorted((run_dir / "checkpoints").glob("iter_*"))
+    complete = [p for p in checkpoints if is_complete(p)]
+    assert complete, checkpoints
+    latest = int(complete[-1].name[5:])
+    print(f"node loss: rank 0 failed {detected_after:.1f} s after the crash, the job left RUNNING {ended_after:.1f} s "
+          f"after it ({record['JobState']}, reason {record.get('Reason')}); latest complete checkpoint {latest}")
+
+    resume_log = tmp_path / "resume.out"
+    resumed_id = sbatch("train_srun.sbatch", job_name, resume_log, ["--nodes=1", "--nodelist=n1", "--ntasks-per-node=1",
+                                                                    "--cpus-per-task=1"],
+                        [*drill_overrides(toy_setup), f"run_dir={run_dir}"])
+    record = wait_for_state(resumed_id, ("COMPLETED", "FAILED", "CANCELLED"), 300)
+    text = resume_log.read_text(errors="replace")
+    assert record["JobState"] == "COMPLETED", text[-3000:]
+    assert f"resumed from {run_dir}/checkpoints/iter_{latest:09d}" in text, text[-3000:]
+
+    # The uninterrupted sequence: the reference's 2-rank checkpoint at that iteration, continued on 1 rank here.
+    overrides = drill_overrides(toy_setup)
+    continued = tmp_path / "continued"
+    shutil.copytree(uninterrupted_two_node_run / "checkpoints" / f"iter_{latest:09d}",
+                    continued / "checkpoints" / f"iter_{latest:09d}")
+    result = subprocess.run([sys.executable, "-m", "rcm.train", *overrides, f"run_dir={continued}"], cwd=REPO,
+                            env={k: v for k, v in JOB_ENV.items() if k != "SLURM_CONF"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference_iteration, reference = final_state(continued, overrides)
+    iteration, resumed = final_state(run_dir, overrides)
+    assert iteration == reference_iteration == DRILL_ITERS
+    assert_same_state(reference, resumed)
