@@ -1,7 +1,7 @@
 """Running on a cluster: the launcher's environment mapped to torch.distributed (``environment``), stop
 signals polled by the training loop (``signals``), requeue after the stop checkpoint (``requeue``),
-per-rank heartbeats with a hang watchdog (``heartbeat``), and one writer per run directory (``lease``). Slurm scripts live in ``slurm/``; Hydra
-launcher presets in ``configs/hydra/launcher/``.
+per-rank heartbeats with a hang watchdog (``heartbeat``), and one writer per run directory (``lease``).
+Slurm scripts live in ``slurm/``; Hydra launcher presets in ``configs/hydra/launcher/``.
 
 Import the submodules directly (``from rcm.launch.signals import StopRequest``); this package imports
 nothing else so that ``rcm.parallel`` can use ``rcm.launch.environment`` without an import cycle.
