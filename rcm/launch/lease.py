@@ -29,6 +29,7 @@ from typing import Any
 import torch.distributed as dist
 
 from rcm.cli_errors import UserError, one_line
+from rcm.launch.heartbeat import MIN_WRITE_INTERVAL_S
 
 log = logging.getLogger("rcm.launch")
 LEASE_NAME = "LEASE"
@@ -89,7 +90,7 @@ class RunLease:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LEASE_NAME
         self.timeout_s = timeout_s
-        self.refresh_every_s = max(refresh_every_s, 0.5)
+        self.refresh_every_s = max(refresh_every_s, MIN_WRITE_INTERVAL_S)  # the heartbeat files' pace
         self.settle_s = settle_s
         self.record = {**this_process(), "token": uuid.uuid4().hex, "started": time.time(), "heartbeat": time.time()}
         self.held = False
