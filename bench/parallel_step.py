@@ -154,7 +154,8 @@ def main() -> None:
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            result = distiller.loss(batch, iteration=0, student_iteration=args.student_iteration)
+            # Without warmup, iteration 5·k is the student step whose effective iteration is k.
+            result = distiller.loss(batch, iteration=5 * args.student_iteration)
         result.loss.backward()
         optimizer.step()
         if cuda:

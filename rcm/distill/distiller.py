@@ -75,12 +75,9 @@ class Distiller:
         counter = schedule.student_iteration if self.kind(iteration) == STUDENT else schedule.critic_iteration
         return schedule.num_simulation_steps(counter(iteration, *self._schedule_args()), self.cfg.max_simulation_steps)
 
-    def loss(self, batch: dict[str, torch.Tensor], iteration: int, student_iteration: int | None = None) -> StepResult:
-        """The loss of this iteration's step for the network ``kind(iteration)`` names.
-
-        Every counter the step needs derives from ``iteration`` (``rcm.distill.schedule``); ``student_iteration``
-        is accepted for callers that keep their own count and is not used.
-        """
+    def loss(self, batch: dict[str, torch.Tensor], iteration: int) -> StepResult:
+        """The loss of this iteration's step for the network ``kind(iteration)`` names; every counter the step
+        needs derives from ``iteration`` (``rcm.distill.schedule``)."""
         if self.method == "flow_matching":
             return self._flow_matching(batch)
         if self.kind(iteration) == FAKE_SCORE:

@@ -68,7 +68,7 @@ def train_step(state: TrainingState) -> StepOutcome:
 
     def micro_batch_loss(micro_batch):
         with autocast(state):
-            return state.distiller.loss(micro_batch, state.iteration, state.student_iteration)
+            return state.distiller.loss(micro_batch, state.iteration)
 
     micro_batches = split_micro_batches(batch, state.cfg.parallel.grad_accumulation)
     results = backward_micro_batches(network, micro_batches, micro_batch_loss)

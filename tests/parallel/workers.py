@@ -23,8 +23,9 @@ from tests.helpers import LATENT_SHAPE, TINY, tiny_dit
 
 NUM_LAYERS = 2
 SAMPLES_PER_MICRO_BATCH = 1
-STEP_ITERATION = {"student": 0, "fake_score": 1}  # with student_update_freq=2 and no warmup
-STUDENT_ITERATION = 1  # two backward-simulation steps: a no-grad student forward, then one with grad
+# With student_update_freq=2 and no warmup, iteration 2 is student step k_s = 1 and iteration 3 critic step k_c = 1:
+# both generate with two backward-simulation steps (a no-grad student forward, then one with grad).
+STEP_ITERATION = {"student": 2, "fake_score": 3}
 
 
 def parallel_config(spec: dict) -> SimpleNamespace:
@@ -112,7 +113,7 @@ def run_step(spec: dict, mesh, dp_rank: int) -> dict:
     network = student if spec["step"] == "student" else fake_score
     micro_batches = split_micro_batches(rank_batch(dp_rank, spec), spec.get("grad_accumulation", 1))
     results = backward_micro_batches(network, micro_batches,
-                                     lambda batch: distiller.loss(batch, iteration, STUDENT_ITERATION))
+                                     lambda batch: distiller.loss(batch, iteration))
     losses = [r.loss.item() for r in results]
     return {"losses": losses, "grads": full_gradients(network)}
 
