@@ -1,5 +1,6 @@
 """Model presets load on their own (no toy data to clash with) and are typed by the schema."""
 import pytest
+import torch
 
 from rcm.config import config_from_json, load_model_preset, model_presets
 from rcm.eval.networks import NetworkSource
@@ -20,7 +21,7 @@ def test_unknown_preset_names_the_choices():
 
 def test_a_bare_checkpoint_with_a_wan_preset_opens(tmp_path):
     checkpoint = tmp_path / "student.pth"
-    checkpoint.write_bytes(b"")
+    torch.save({}, checkpoint)  # a torch file: NetworkSource.open refuses what is no checkpoint at all
     assert NetworkSource.open(checkpoint, model="wan2.1-t2v-1.3B").model_cfg.text_dim == 4096
 
 
