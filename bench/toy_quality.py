@@ -121,6 +121,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="shorthand for --variants with method names")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), help="default: the four methods")
+    parser.add_argument("--study-variants", nargs="+", choices=sorted(VARIANTS), default=[],
+                        help="more variants, trained with --study-seeds (after the main ones)")
+    parser.add_argument("--study-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--iters", type=int, default=1200, help="distillation iterations per run (same for all)")
     parser.add_argument("--teacher-iters", type=int, default=2000)
     parser.add_argument("--samples-per-class", type=int, default=256)
@@ -162,6 +165,7 @@ def main() -> None:
         results.setdefault("teacher|50|-|-", []).append(row)
 
     jobs = [(variant, seed) for variant in variants for seed in args.seeds]
+    jobs += [(variant, seed) for variant in args.study_variants for seed in args.study_seeds]
     threads = 1 if args.workers > 1 else None
     if args.workers > 1:
         os.environ["OMP_NUM_THREADS"] = "1"
@@ -174,7 +178,7 @@ def main() -> None:
                 results.setdefault(f"{variant}|{key}", []).append(row)
             print(f"[quality] {variant} seed {seed} done in {seconds:.0f} s ({done}/{len(jobs)})", flush=True)
             table = write_results(results, out)  # after every run, so a long benchmark can be read while it runs
-    _plot(results, out / "quality.png", variants)
+    _plot(results, out / "quality.png", variants + args.study_variants)
     print(f"\n{len(args.seeds)} seeds, {args.iters} distillation iterations per run, {time.time() - started:.0f} s\n"
           + table)
 
