@@ -379,6 +379,8 @@ class CheckpointManager:
             match = _CHECKPOINT_NAME.match(child.name) or _REPLACEMENT_NAME.match(child.name)
             if match and int(match.group(match.re.groups)) < newest_iteration and not is_complete(child):
                 shutil.rmtree(child, ignore_errors=True)
+            elif match and match.re is _REPLACEMENT_NAME and is_complete(self.directory / match.group(1)):
+                shutil.rmtree(child, ignore_errors=True)  # superseded: its iteration was saved again since
 
     # -- loading --
     def load(self, path: str | Path, state: dict[str, Any]) -> dict[str, Any] | None:

@@ -91,6 +91,8 @@ def test_a_replacement_left_between_two_renames_is_still_found(tmp_path):
     os.rename(path, tmp_path / ".iter_000000002.replacing")
     assert manager.latest_loadable() == tmp_path / ".iter_000000002.replacing"
     assert_state_equal(load_state(manager, manager.latest_loadable(), 2), training_state(2))
+    CheckpointManager(tmp_path, keep_last=5).save(2, training_state(2), {"iteration": 2}, wait=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_000000001", "iter_000000002"]  # superseded: removed
 
 
 def test_every_checkpoint_damaged_is_an_error_naming_the_files(tmp_path, caplog):
