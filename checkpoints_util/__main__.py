@@ -15,12 +15,13 @@ import argparse
 import json
 import math
 import sys
+import traceback
 from collections import defaultdict
 from pathlib import Path
 
 from rcm.checkpoint.layout import CheckpointCorruptError, NotACheckpointError
 from rcm.checkpoint.manager import COMPLETE_MARKER, CheckpointManager, is_complete, read_marker
-from rcm.cli_errors import UserError, run_cli
+from rcm.cli_errors import UserError, debug_enabled, run_cli
 
 DTYPE_CHOICES = ("bf16", "fp16", "fp32")
 
@@ -199,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except (FileNotFoundError, FileExistsError, KeyError, ValueError, RuntimeError, UserError) as error:
+        if debug_enabled():
+            traceback.print_exc()
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ import argparse
 import gc
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from rcm.checkpoint.weights import describe_object, load_torch_file
-from rcm.cli_errors import UserError, run_cli
+from rcm.cli_errors import UserError, debug_enabled, run_cli
 from rcm.config import config_from_json, json_argument, load_model_preset, model_presets
 from rcm.distill.sampler import sample_student, student_time_grid
 from rcm.distill.trigflow import denoise
@@ -240,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return generate(parser, args, vae_config, t5_config)
     except (FileNotFoundError, ValueError, ImportError, UserError) as error:  # a damaged checkpoint is a UserError
+        if debug_enabled():
+            traceback.print_exc()
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
 
@@ -300,7 +303,7 @@ def generate(parser: argparse.ArgumentParser, args: argparse.Namespace, vae_conf
             network = NetworkSource(Path(args.dit_path), model_cfg).load(args.weights, device, dtype)
         except ValueError as error:
             if isinstance(error, UserError):  # not a mismatch: the file is no checkpoint, or a damaged one
-                raise UserError(f"--dit_path: {error}") from None
+                raise UserError(f"--dit_path: {error}") from error
             which = f"--model {args.model}" if args.model else "the run's model"
             raise ValueError(f"--dit_path: {error}. Is {which} the network of this checkpoint? (presets: "
                              f"{', '.join(model_presets())})") from None

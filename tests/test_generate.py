@@ -423,3 +423,14 @@ def test_non_finite_latents_are_not_written(release, tmp_path, capsys, embedding
     monkeypatch.setattr(generate, "sample_latents", lambda *args: [torch.full((1, *LATENT), float("nan"))])
     assert generate.main(embedding_args(release, tmp_path / "x.pt", release["root"] / "student.pth", embedding)) == 2
     assert "sampling gave non-finite latents" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
+
+
+def test_rcm_debug_shows_the_traceback_of_a_one_line_error(release, tmp_path, capsys, embedding, monkeypatch):
+    """RCM_DEBUG=1: the same one-line error, with the traceback above it."""
+    (tmp_path / "notes.pth").write_text("hello\n")
+    args = embedding_args(release, tmp_path / "x.pt", tmp_path / "notes.pth", embedding)
+    monkeypatch.setenv("RCM_DEBUG", "1")
+    assert generate.main(args) == 2
+    error = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in error and "NotACheckpointError" in error
+    assert error.strip().splitlines()[-1].startswith("error: --dit_path:")

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
+from rcm.cli_errors import debug_enabled
 from rcm.parallel.distributed import DistributedInfo, init_distributed, resolve_device, shutdown_distributed
 
 
@@ -32,6 +34,8 @@ def run_on_every_rank(work: Callable[[DistributedInfo, torch.device], int], devi
     try:
         return work(info, device)
     except (ValueError, FileNotFoundError) as error:
+        if debug_enabled():  # RCM_DEBUG=1
+            traceback.print_exc()
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
