@@ -172,8 +172,9 @@ def test_the_training_cli_refuses_a_leased_run_directory_in_one_sentence(toy_set
     error_lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert len(error_lines) == 1 and error_lines[0].startswith("rcm.train: error: run directory"), result.stderr[-2000:]
     assert f"pid {os.getppid()}" in error_lines[0] and "Slurm job 999" in error_lines[0]
-    # Hydra's own .hydra/ and train.log (hydra.run.dir is run_dir) aside, nothing of the run was written.
-    assert sorted(p.name for p in run_dir.iterdir() if p.name not in (".hydra", "train.log")) == ["LEASE"]
+    # Hydra's own files aside (each launch has its own directory under launches/), nothing of the run was written.
+    assert sorted(p.name for p in run_dir.iterdir()) == ["LEASE", "launches"]
+    assert {p.name for p in next((run_dir / "launches").iterdir()).iterdir()} <= {".hydra", "train.log"}
     assert lease_of(run_dir)["token"] == "theirs"
 
 
