@@ -137,13 +137,13 @@ class CheckpointManager:
         checkpoints = self.complete_checkpoints()
         return checkpoints[-1][1] if checkpoints else None
 
-    def latest_loadable(self, check_crc: bool = True) -> Path | None:
+    def latest_loadable(self, check_crc: bool = True, remedy: str | None = None) -> Path | None:
         """Collective: the newest complete checkpoint that passes verification; damaged ones are skipped with a
         warning naming the damaged file. None when there is no checkpoint (or only an unfinished save).
 
         When checkpoints exist but every one is damaged: CheckpointCorruptError naming the damaged files, or with
-        ``restart_if_all_damaged`` a warning and None. The ranks split the check, so its cost does not grow with
-        the world size.
+        ``restart_if_all_damaged`` a warning and None. ``remedy`` ends that error (default: training's own, starting
+        over). The ranks split the check, so its cost does not grow with the world size.
         """
         damaged = []
         for _, path in reversed(self.complete_checkpoints()):
@@ -158,9 +158,9 @@ class CheckpointManager:
         if not damaged:
             return None
         shown = "; ".join(damaged[:3]) + (f"; and {len(damaged) - 3} more" if len(damaged) > 3 else "")
+        remedy = remedy or "or, to train from the start, set train.restart_if_all_damaged=true"
         message = (f"every checkpoint in {self.directory} is damaged ({shown}); restore or delete the damaged files "
-                   f"(`python -m checkpoints_util verify {self.directory.parent}` lists them), or, to train from "
-                   "the start, set train.restart_if_all_damaged=true")
+                   f"(`python -m checkpoints_util verify {self.directory.parent}` lists them), {remedy}")
         if not self.restart_if_all_damaged:
             raise CheckpointCorruptError(message)
         if self.info.is_main:

@@ -44,7 +44,8 @@ def resolve_checkpoint(path: str | Path, verify: bool = True) -> Path:
     info = _current_ranks()
     if path.is_dir() and not is_complete(path) and not (path / METADATA_FILE).exists() and not safetensors_files(path):
         manager = CheckpointManager(path / "checkpoints", info)
-        latest = manager.latest_loadable(check_crc=True) if verify else manager.latest()
+        remedy = "or name an intact checkpoint or weights file instead of the run directory"
+        latest = manager.latest_loadable(check_crc=True, remedy=remedy) if verify else manager.latest()
         if latest is None:
             raise FileNotFoundError(
                 f"{path} holds no weights: no DCP .metadata, no *.safetensors and no complete checkpoint in "

@@ -89,7 +89,8 @@ def test_every_checkpoint_damaged_is_one_sentence_naming_the_files(run_dir):
         resolve_checkpoint(run_dir)
     message = str(error.value)
     assert message.startswith("every checkpoint in") and all(str(shard) in message for shard in shards)
-    assert "\n" not in message
+    assert "\n" not in message and message.endswith("or name an intact checkpoint or weights file instead of the run "
+                                                     "directory")  # not training's remedy
 
 
 def test_a_named_damaged_checkpoint_or_pth_is_an_error_not_a_fallback(run_dir, tmp_path):
