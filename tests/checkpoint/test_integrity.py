@@ -13,7 +13,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 from rcm.checkpoint import manager as manager_module
 from rcm.checkpoint.layout import COMPLETE_MARKER, CheckpointCorruptError
