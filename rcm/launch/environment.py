@@ -52,6 +52,18 @@ def master_port_for_job(job_id: str | int) -> int:
     return MASTER_PORT_BASE + int(digits) % MASTER_PORT_SPAN
 
 
+def slurm_job_reference(environ: Mapping[str, str]) -> str | None:
+    """The id naming this job alone to scontrol and scancel; None outside Slurm.
+
+    A job array task's SLURM_JOB_ID may equal the array's id, which names every task of the array
+    (`scontrol requeue 25` requeues all of a sweep's points), so a task is named ARRAYID_TASKID.
+    """
+    array_id, task_id = environ.get("SLURM_ARRAY_JOB_ID"), environ.get("SLURM_ARRAY_TASK_ID")
+    if array_id and task_id:
+        return f"{array_id}_{task_id}"
+    return environ.get("SLURM_JOB_ID") or None
+
+
 def slurm_task_env(environ: Mapping[str, str]) -> dict[str, str] | None:
     """torch.distributed variables for a task started by ``srun`` (None outside a job step)."""
     if "SLURM_STEP_ID" not in environ or "SLURM_PROCID" not in environ:

@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 
+from rcm.launch.environment import slurm_job_reference
 from rcm.parallel.distributed import DistributedInfo, barrier
 
 log = logging.getLogger("rcm.launch")
@@ -74,7 +75,7 @@ def stop_and_requeue(signum: int, info: DistributedInfo, requeue: bool, max_requ
     """Called on every rank after the stop checkpoint is complete; requeues (rank 0) and exits. Never returns."""
     exit_code = 128 + signum
     name = signal.Signals(signum).name
-    job_id = os.environ.get("SLURM_JOB_ID")
+    job_id = slurm_job_reference(os.environ)  # an array task by ARRAY_TASK: the array's id would requeue every task
     if os.environ.get("SUBMITIT_EXECUTOR") == "local":
         if requeue:
             exit_code = SUBMITIT_LOCAL_REQUEUE_EXIT_CODE

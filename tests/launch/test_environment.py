@@ -99,3 +99,13 @@ def test_a_multi_node_step_without_a_node_list_is_refused_in_one_sentence():
         slurm_task_env(no_list)
     one_node = {**no_list, "SLURM_STEP_NUM_NODES": "1", "SLURM_JOB_NUM_NODES": "1"}
     assert slurm_task_env(one_node)["MASTER_ADDR"] == "127.0.0.1"  # one node: the local rendezvous is right
+
+
+def test_a_job_array_task_is_named_by_array_and_task_id():
+    """`scontrol requeue <array id>` would requeue every point of a sweep: a task is named ARRAY_TASK."""
+    from rcm.launch.environment import slurm_job_reference
+
+    assert slurm_job_reference({"SLURM_JOB_ID": "25", "SLURM_ARRAY_JOB_ID": "25", "SLURM_ARRAY_TASK_ID": "1"}) == "25_1"
+    assert slurm_job_reference({"SLURM_JOB_ID": "26", "SLURM_ARRAY_JOB_ID": "25", "SLURM_ARRAY_TASK_ID": "0"}) == "25_0"
+    assert slurm_job_reference({"SLURM_JOB_ID": "42"}) == "42"
+    assert slurm_job_reference({}) is None

@@ -333,3 +333,61 @@ def test_node_loss_ends_the_job_naming_the_lost_node_and_the_resume_on_one_node_
     iteration, resumed = final_state(run_dir, overrides)
     assert iteration == reference_iteration == DRILL_ITERS
     assert_same_state(reference, resumed)
+
+
+# -- (4) the submitit/Hydra launcher preset on several nodes --
+SUBMITIT_SLURM = ["hydra/launcher=submitit_slurm", "hydra.launcher.nodes=2", "hydra.launcher.cpus_per_task=1",
+                  "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=10"]
+
+
+def start_sweep(name: str, overrides: list[str]) -> subprocess.Popen:
+    """`python -m rcm.train -m` on the submitit_slurm preset with 2 nodes per job; it waits for the results."""
+    command = [sys.executable, "-m", "rcm.train", "-m", *SUBMITIT_SLURM, f"hydra.launcher.name={name}", *overrides]
+    return subprocess.Popen(command, cwd=REPO, env=JOB_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def communicate(process: subprocess.Popen, timeout: float) -> str:
+    """The launcher's output once it returned (killed, with a failure, after ``timeout`` s)."""
+    try:
+        return process.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError(f"the launcher did not return within {timeout} s:\n{process.communicate()[0][-3000:]}")
+
+
+def test_submitit_preset_runs_two_nodes_by_two_tasks_to_the_srun_parameters(two_by_two_srun_run, tmp_path, job_name):
+    """hydra/launcher=submitit_slurm with nodes=2, tasks_per_node=2 (one per placeholder GPU): 4 ranks, dp_shard x cp =
+    2 x 2, the same end state as the srun template's job."""
+    srun_root, overrides = two_by_two_srun_run
+    process = start_sweep(job_name, [f"hydra.sweep.dir={tmp_path}", "hydra.launcher.gpus_per_node=2", *overrides])
+    output = communicate(process, 300)
+    assert process.returncode == 0, output[-3000:]
+    logs = "\n".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob(".submitit/*/*_log.*")))
+    assert "global_rank=3(4)" in logs and "finished 4 iterations" in logs, logs[-3000:]
+    assert_close_weights(network_weights(srun_root / "run", overrides), network_weights(tmp_path / "0", overrides))
+
+
+def test_sweep_of_two_node_jobs_one_cancelled_the_other_completes(toy_setup, tmp_path, job_name):
+    """-m over two learning rates: each point is a 2-node job in its own directory; scancel of one leaves the other
+    to finish. (Without slurmdbd there is no sacct, so submitit cannot learn that a job was cancelled and the
+    launcher would wait for its result forever; the test stops the launcher once the other point finished.)"""
+    overrides = [*toy_overrides(toy_setup, 12, save_every=12), "optim.lr=1e-4,3e-4"]
+    process = start_sweep(job_name, [f"hydra.sweep.dir={tmp_path}", "hydra.launcher.gpus_per_node=1", *overrides])
+    final = tmp_path / "0" / "checkpoints" / "iter_000000012"
+    try:
+        jobs = wait_until(lambda: len(ids := slurm("squeue", "-h", "-n", job_name, "-t", "R", "-o", "%i").split()) == 2
+                          and sorted(ids), 180, "both points of the sweep to run")
+        records = {job: job_record(job) for job in jobs}
+        wait_until(lambda: all((tmp_path / point / "config.yaml").is_file() for point in "01"), 120,
+                   "both points to start training in their directories")
+        slurm("scancel", jobs[1])
+        wait_until(lambda: is_complete(final), 240, "the other point to finish", interval=0.5)
+    finally:
+        process.kill()
+        process.communicate()
+    assert all(record["NumNodes"] == "2" for record in records.values()), records
+    assert wait_for_state(jobs[1], ("CANCELLED",), 30)
+    assert wait_for_state(jobs[0], ("COMPLETED",), 60)
+    assert "lr: 0.0001" in (tmp_path / "0" / "config.yaml").read_text()
+    assert "lr: 0.0003" in (tmp_path / "1" / "config.yaml").read_text()
+    assert not (tmp_path / "1" / "checkpoints" / "iter_000000012").exists()
