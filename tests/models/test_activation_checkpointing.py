@@ -1,4 +1,5 @@
 """Checkpointed blocks give the same outputs, tangents and gradients as plain blocks."""
+import pytest
 import torch
 
 from rcm.parallel.activation_checkpointing import apply_activation_checkpointing
@@ -18,11 +19,14 @@ def _grads(model, with_tangent):
     return out.detach(), tangent, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_checkpointed_blocks_match_plain_blocks_in_both_modes():
+@pytest.mark.parametrize("policy,every,wrapped", [("block", 2, 2), ("mm_only", 1, 3)])
+def test_checkpointed_blocks_match_plain_blocks_in_both_modes(policy, every, wrapped):
+    """Whole-block and selective (keep matmul outputs, recompute the rest) checkpointing give the same outputs,
+    tangents and gradients as plain blocks, with and without tangents."""
     for with_tangent in (False, True):
         plain = tiny_dit(0, num_layers=3)
         checkpointed = tiny_dit(0, num_layers=3)
-        assert apply_activation_checkpointing(checkpointed, every=2) == 2
+        assert apply_activation_checkpointing(checkpointed, every=every, policy=policy) == wrapped
         out_a, tangent_a, grads_a = _grads(plain, with_tangent)
         out_b, tangent_b, grads_b = _grads(checkpointed, with_tangent)
         assert torch.allclose(out_a, out_b, rtol=0, atol=1e-14)
@@ -37,22 +41,6 @@ def test_checkpointing_keeps_parameter_names():
     names = list(model.state_dict())
     apply_activation_checkpointing(model)
     assert list(model.state_dict()) == names
-
-
-def test_mm_only_policy_matches_plain_blocks_in_both_modes():
-    """Selective checkpointing (keep matmul outputs, recompute the rest) gives the same outputs, tangents and
-    gradients as plain blocks, with and without tangents."""
-    for with_tangent in (False, True):
-        plain = tiny_dit(0, num_layers=3)
-        selective = tiny_dit(0, num_layers=3)
-        assert apply_activation_checkpointing(selective, every=1, policy="mm_only") == 3
-        out_a, tangent_a, grads_a = _grads(plain, with_tangent)
-        out_b, tangent_b, grads_b = _grads(selective, with_tangent)
-        assert torch.allclose(out_a, out_b, rtol=0, atol=1e-14)
-        if with_tangent:
-            assert torch.allclose(tangent_a, tangent_b, rtol=0, atol=1e-14)
-        for name in grads_a:
-            assert torch.allclose(grads_a[name], grads_b[name], rtol=1e-12, atol=1e-15), name
 
 
 def test_mm_only_keeps_the_primal_matmuls_and_recomputes_the_rest():
@@ -98,7 +86,5 @@ def test_mm_only_recomputes_fewer_matmuls_than_block():
 
 
 def test_unknown_policy_names_the_key():
-    import pytest
-
     with pytest.raises(ValueError, match="parallel.activation_checkpointing"):
         apply_activation_checkpointing(tiny_dit(0), policy="everything")
