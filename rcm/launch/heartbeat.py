@@ -102,13 +102,13 @@ def describe_heartbeats(directory: str | Path, stale_after_s: float, now: float 
     for r in records:
         where = f"rank {r['rank']} (host {r['host']}, pid {r['pid']})"
         silent_s, idle_s = now - r["time"], now - r["progress_time"]
-        if r["host"] in named:
+        if silent_s > stale_after_s:
+            lines.append(f"{where}: silent for {silent_s:.0f} s (frozen or gone), last at iteration {r['iteration']}")
+        elif r["host"] in named:
             # A crashed node's rank still looks fresh (its last beat is seconds old), but the peer that closed the
             # connection is in the error as an address: the node or the process behind it is gone.
             lines.append(f"{where}: lost, this rank's error names its address {named[r['host']]} "
                          f"(its node or process is gone), last at iteration {r['iteration']}")
-        elif silent_s > stale_after_s:
-            lines.append(f"{where}: silent for {silent_s:.0f} s (frozen or gone), last at iteration {r['iteration']}")
         elif r["iteration"] < newest:
             lines.append(f"{where}: at iteration {r['iteration']} while others reached {newest}, "
                          f"no progress for {idle_s:.0f} s")

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -391,3 +392,53 @@ def test_sweep_of_two_node_jobs_one_cancelled_the_other_completes(toy_setup, tmp
     assert "lr: 0.0001" in (tmp_path / "0" / "config.yaml").read_text()
     assert "lr: 0.0003" in (tmp_path / "1" / "config.yaml").read_text()
     assert not (tmp_path / "1" / "checkpoints" / "iter_000000012").exists()
+
+
+def _half_written(run_dir: Path) -> list[Path]:
+    """Checkpoints being written: incomplete and newer than every complete one (an older incomplete one is being
+    pruned, its marker removed first)."""
+    found = sorted((run_dir / "checkpoints").glob("iter_*"))
+    complete = [p for p in found if is_complete(p)]
+    return [p for p in found if not is_complete(p) and (not complete or p.name > complete[-1].name)]
+
+
+def test_sigkill_of_one_nodes_rank_during_an_async_save_leaves_the_previous_checkpoint(toy_setup, tmp_path, job_name):
+    """The rank on n2 is SIGKILLed while an asynchronous save is half written: that checkpoint never gets its
+    marker (rank 0 alone cannot complete it), the job fails instead of hanging, and the one before it loads."""
+    run_dir = tmp_path / "run"
+    job_id = submit_drill(job_name, tmp_path, toy_setup)
+    wait_until(lambda: heartbeat(run_dir, rank=1).get("iteration", -1) >= 3, 180, "rank 1 to reach iteration 3")
+    pid = heartbeat(run_dir, rank=1)["pid"]
+    caught = wait_until(lambda: _half_written(run_dir), 60, "a checkpoint being written", interval=0.001)[0]
+    os.kill(pid, signal.SIGKILL)
+    record = wait_for_state(job_id, ("FAILED", "COMPLETED", "CANCELLED"), 120)
+    assert record["JobState"] == "FAILED", record
+    assert not is_complete(caught)
+    iteration, _ = final_state(run_dir, drill_overrides(toy_setup))
+    assert iteration == int(caught.name[5:]) - 1
+
+
+def test_a_frozen_rank_on_another_node_is_named_by_the_survivor(toy_setup, tmp_path, job_name):
+    """The rank on n2 stops dead (SIGSTOP: a straggler taken to the extreme): rank 0's collective times out after
+    launch.collective_timeout_minutes, it names rank 1 on n2 as silent, and the job ends FAILED instead of hanging."""
+    run_dir = tmp_path / "run"
+    job_id = sbatch("train_srun.sbatch", job_name, tmp_path / "job.out",
+                    ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1"],
+                    [*toy_overrides(toy_setup, 1000, save_every=1000), f"run_dir={run_dir}",
+                     "launch.collective_timeout_minutes=0.25", "launch.hang_timeout_minutes=2"])
+    wait_until(lambda: heartbeat(run_dir, rank=1).get("iteration", -1) >= 3, 180, "rank 1 to reach iteration 3")
+    pid = heartbeat(run_dir, rank=1)["pid"]
+    stopped_at = time.time()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        record = wait_for_state(job_id, ("FAILED", "COMPLETED", "CANCELLED"), 120)
+    finally:
+        if os.path.exists(f"/proc/{pid}"):
+            os.kill(pid, signal.SIGCONT)  # a stopped process cannot act on anything else it is sent
+    ended_after = time.time() - stopped_at
+    text = (tmp_path / "job.out").read_text(errors="replace")
+    assert record["JobState"] == "FAILED", record
+    named = r"rank 0 of 2 failed; ranks that froze or fell behind:\nrank 1 \(host n2, pid %d\): silent for" % pid
+    assert re.search(named, text), text[-3000:]
+    print(f"frozen rank on n2: job FAILED {ended_after:.1f} s after SIGSTOP (collective timeout 15 s)")
+    assert ended_after < 60
