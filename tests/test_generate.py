@@ -3,7 +3,10 @@ VAE and the `tiny` DiT preset): prompt → embedding → student → VAE → mp4
 seed, and the error paths; and rcm.video's mp4 writer."""
 import functools
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +23,7 @@ from rcm.train import build_network
 from rcm.video import video_to_uint8_frames, write_mp4
 from tests.helpers import write_tiny_tokenizer, write_tiny_umt5, write_tiny_wan_vae
 
+REPO = Path(__file__).resolve().parents[1]
 imageio = pytest.importorskip("imageio.v2")
 pytest.importorskip("imageio_ffmpeg")
 
@@ -434,3 +438,22 @@ def test_rcm_debug_shows_the_traceback_of_a_one_line_error(release, tmp_path, ca
     error = capsys.readouterr().err
     assert "Traceback (most recent call last)" in error and "NotACheckpointError" in error
     assert error.strip().splitlines()[-1].startswith("error: --dit_path:")
+
+
+def test_vae_path_that_is_a_truncated_file_ends_in_one_line(release, tmp_path, embedding):
+    """`python -m rcm.generate --vae_path cut.pth` (a truncated .pth; the other bad files are the loader's tests):
+    exit 2 with one line naming the file, no traceback; the sampled latent is kept beside the mp4 that could not
+    be written."""
+    from tests.test_torch_files import BAD_FILE_MESSAGES, write_bad_torch_file
+
+    vae_path = write_bad_torch_file(tmp_path / "cut.pth", "truncated")
+    args = cli_args(release, tmp_path / "out.mp4", "--embedding", str(embedding), text=False)
+    args[args.index("--vae_path") + 1] = str(vae_path)
+    result = subprocess.run([sys.executable, "-m", "rcm.generate", *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "RCM_DEBUG": "0", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: Wan VAE weights {vae_path} {BAD_FILE_MESSAGES['truncated']}")
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "out.pt").is_file() and not (tmp_path / "out.mp4").exists()

@@ -12,9 +12,6 @@ from rcm.cli_errors import UserError
 COMPLETE_MARKER = "COMPLETE"
 METADATA_FILE = ".metadata"
 CHECKPOINT_NAME = re.compile(r"^iter_(\d{9})$")
-# The zip archives of torch.save (every format since torch 1.6) start with a local file header.
-ZIP_MAGIC = b"PK\x03\x04"
-LEGACY_MAGIC = b"\x80\x02"  # torch.save before 1.6: a pickle stream (protocol 2)
 
 
 class CheckpointCorruptError(UserError, RuntimeError):

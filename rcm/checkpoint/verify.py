@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
-from rcm.checkpoint.layout import (COMPLETE_MARKER, LEGACY_MAGIC, METADATA_FILE, ZIP_MAGIC, CheckpointCorruptError, read_marker,
-                                   rank_file)
+from rcm.checkpoint.layout import COMPLETE_MARKER, METADATA_FILE, CheckpointCorruptError, read_marker, rank_file
 from rcm.checkpoint.torch_zip import ZipFormatError, crc32_of_range, read_records
+from rcm.torch_files import is_legacy_torch_file, torch_file_problem
 
 __all__ = ["CheckpointCorruptError", "METADATA_FILE", "read_metadata", "verify_checkpoint", "verify_dcp",
            "verify_torch_file", "torch_file_problem"]
@@ -160,34 +160,6 @@ def _check_item(fd: int, metadata: Metadata, index, info, check_crc: bool) -> st
     elif not isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
         return "is not described in the metadata"
     return None
-
-
-def torch_file_problem(file: str | Path) -> str | None:
-    """Why ``file`` cannot be a torch.save file at all (missing, empty, a text file...), in one sentence; else None.
-
-    Reads four bytes: the cheap check before any ``torch.load``, whose own errors (an mmap or pickle message)
-    name neither the file nor the cause.
-    """
-    file = Path(file)
-    if not file.exists():
-        return f"{file} does not exist"
-    if not file.is_file():
-        return f"{file} is a directory, not a torch checkpoint file"
-    with open(file, "rb") as f:
-        head = f.read(len(ZIP_MAGIC))
-    if not head:
-        return f"{file} is empty, not a torch checkpoint"
-    if head != ZIP_MAGIC and not is_legacy_torch_file(file):
-        shown = head.decode("ascii", "replace") if head.isascii() and head.decode("ascii").isprintable() else head.hex()
-        return (f"{file} is not a torch checkpoint (torch.save files are zip archives starting with 'PK'; this one "
-                f"starts with {shown!r})")
-    return None
-
-
-def is_legacy_torch_file(file: str | Path) -> bool:
-    """Whether ``file`` is in torch's pre-1.6 format (a bare pickle stream): loadable, but it carries no checksums."""
-    with open(file, "rb") as f:
-        return f.read(2) == LEGACY_MAGIC
 
 
 def verify_torch_file(file: str | Path, check_crc: bool = True, part: int = 0, num_parts: int = 1) -> list[str]:

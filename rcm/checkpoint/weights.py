@@ -24,8 +24,9 @@ from tqdm import tqdm
 
 from rcm.checkpoint.layout import METADATA_FILE, CheckpointCorruptError, NotACheckpointError
 from rcm.checkpoint.manager import CheckpointManager, is_complete, verify_together
-from rcm.checkpoint.verify import is_legacy_torch_file, read_metadata, torch_file_problem
+from rcm.checkpoint.verify import read_metadata
 from rcm.parallel.distributed import DistributedInfo
+from rcm.torch_files import TorchFileError, describe_object, read_torch_file, torch_file_problem
 
 log = logging.getLogger(__name__)
 
@@ -115,26 +116,13 @@ def load_model_weights(model: nn.Module, path: str | Path, prefer: str = "ema", 
 def load_torch_file(path: str | Path) -> object:
     """``torch.load`` of a weights-only `.pth` (memory-mapped, on the CPU), one sentence naming the file when it is
     not a torch checkpoint or cannot be read."""
-    path = Path(path)
     problem = torch_file_problem(path)
     if problem:
         raise NotACheckpointError(problem)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=not is_legacy_torch_file(path))
-    except Exception as error:
-        raise CheckpointCorruptError(f"{path} cannot be read as a torch checkpoint ({type(error).__name__}: "
-                                     f"{' '.join(str(error).split())[:200]}); `python -m checkpoints_util verify "
-                                     f"{path}` checks it") from error
-
-
-def describe_object(value: object) -> str:
-    """A few words on what a loaded object is: 'a list of 3 items', 'a tensor of shape (4, 8)', 'an int'."""
-    if torch.is_tensor(value):
-        return f"a single tensor of shape {tuple(value.shape)}"
-    if isinstance(value, (list, tuple, dict, set)):
-        return f"a {type(value).__name__} of {len(value)} items"
-    name = type(value).__name__
-    return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
+        return read_torch_file(path)
+    except TorchFileError as error:
+        raise CheckpointCorruptError(f"{error}; `python -m checkpoints_util verify {path}` checks it") from error
 
 
 def raise_on_non_finite(model: nn.Module, source: str) -> None:

@@ -16,6 +16,7 @@ import torch
 
 from rcm.atomic_files import atomic_torch_save
 from rcm.data.shards import SHARD_NAME, write_shards
+from rcm.torch_files import TorchFileError, read_torch_file
 
 GROUND_TRUTH_FILE = "ground_truth.pt"
 NEGATIVE_EMBEDDING_FILE = "negative_embedding.pt"
@@ -144,9 +145,10 @@ class ToyMixture:
     @classmethod
     def load(cls, path: str | os.PathLike) -> ToyMixture:
         """Read a ground truth written by `save`."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(f"{path} is not a toy-mixture ground truth written by ToyMixture.save")
+        state = read_torch_file(path, "toy ground truth", dict, "the dict that ToyMixture.save writes", mmap=False)
+        if state.get("format_version") != _FORMAT_VERSION:
+            raise TorchFileError(f"toy ground truth {path} is not one written by ToyMixture.save (format_version "
+                                 f"{state.get('format_version')!r}, expected {_FORMAT_VERSION})")
         mixture = cls.__new__(cls)
         mixture.config = ToyMixtureConfig(**state["config"])
         mixture.means = state["means"]

@@ -4,6 +4,7 @@ There is no text encoder yet, so every prompt must come with its embedding (L, t
   ``toy``          the mixture's prompts and embeddings (one per class);
   a directory      every ``NAME.pt`` in it (sorted by name) holds an embedding; the prompt text is the
                    content of ``NAME.txt`` beside it, or NAME;
+  a ``.pt`` file   one prompt: that embedding (text as for a directory's file);
   a text file      one prompt per line (blank lines and ``#`` comments skipped): either the path of an
                    embedding ``.pt`` (relative to the list file), optionally followed by a tab and the
                    prompt text, or the text of a toy prompt ("toy prompt 3").
@@ -18,6 +19,7 @@ import torch
 
 from rcm.data.toy import ToyMixture
 from rcm.eval.networks import NetworkSource
+from rcm.torch_files import read_torch_file
 
 TOY_PROMPTS = "toy"
 
@@ -49,6 +51,8 @@ def load_prompts(source: str, mixture: ToyMixture | None = None) -> list[Prompt]
         if not files:
             raise FileNotFoundError(f"prompt directory {path} holds no .pt embedding files")
         return [_embedding_prompt(index, file, None) for index, file in enumerate(files)]
+    if path.is_file() and path.suffix == ".pt":
+        return [_embedding_prompt(0, path, None)]
     if path.is_file():
         return _prompts_from_list(path, mixture)
     raise FileNotFoundError(f"--prompts {source}: no such file or directory (give 'toy', a directory of .pt embeddings or a list file)")
@@ -132,12 +136,7 @@ def check_embeddings(prompts: list[Prompt], text_len: int, text_dim: int) -> Non
 
 def _embedding_prompt(index: int, file: Path, text: str | None) -> Prompt:
     """A prompt read from an embedding file; text from the argument, a sibling NAME.txt, or the file name."""
-    try:
-        embedding = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"prompt embedding {file} cannot be loaded ({error})") from error
-    if not isinstance(embedding, torch.Tensor):
-        raise ValueError(f"prompt embedding {file} holds a {type(embedding).__name__}, not an (L, text_dim) tensor")
+    embedding = read_torch_file(file, "prompt embedding", torch.Tensor, "an (L, text_dim) tensor", mmap=False)
     if embedding.ndim == 3 and embedding.shape[0] == 1:
         embedding = embedding[0]
     if embedding.ndim != 2:
@@ -152,7 +151,12 @@ def _prompts_from_list(list_file: Path, mixture: ToyMixture | None) -> list[Prom
     """Prompts of a list file: embedding paths (optionally with a tab and the text) or toy prompt texts."""
     toy_classes = {text: class_id for class_id, text in enumerate(mixture.prompts)} if mixture is not None else {}
     prompts: list[Prompt] = []
-    for line_number, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        lines = list_file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"--prompts {list_file} is not a text list of prompts (it is not UTF-8 text); give 'toy', "
+                         "a directory of .pt embeddings, one embedding .pt or a list file") from None
+    for line_number, line in enumerate(lines, start=1):
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from rcm.torch_files import read_torch_file
+
 logger = logging.getLogger(__name__)
 
 OFFICIAL_CHECKPOINT_NAME = "models_t5_umt5-xxl-enc-bf16.pth"
@@ -258,7 +260,8 @@ def load_umt5_encoder(
     with torch.device("meta"):
         encoder = UMT5Encoder(config)
     logger.info("loading the umT5 encoder from %s", path)
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    state = read_torch_file(path, "umT5 encoder weights", dict,
+                            f"a state dict of the umT5 encoder (the official file is {OFFICIAL_CHECKPOINT_NAME})")
     state = umt5_state_dict_from_checkpoint(state, str(path))
 
     # Imported here: rcm.checkpoint pulls in torch.distributed, which the model itself never needs.

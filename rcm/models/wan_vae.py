@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rcm.torch_files import read_torch_file
+
 # Per-channel mean and standard deviation of the 16 latent channels, copied from the `WanVAE` wrapper
 # in Wan2.1's wan/modules/vae.py. The Wan DiTs are trained on latents normalized as (mu - mean) / std.
 WAN21_LATENT_MEAN = (
@@ -428,9 +430,8 @@ def load_wan_vae(path: str | Path, device: torch.device | str = "cpu", dtype: to
         raise FileNotFoundError(
             f"No Wan VAE checkpoint at {path}. Expected {OFFICIAL_CHECKPOINT_NAME} from the Wan2.1 release "
             f"(it ships with every Wan2.1 model, e.g. Wan-AI/Wan2.1-T2V-1.3B); pass its path.")
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict; expected {OFFICIAL_CHECKPOINT_NAME}.")
+    state = read_torch_file(path, "Wan VAE weights", dict,
+                            f"a state dict (expected {OFFICIAL_CHECKPOINT_NAME} from the Wan2.1 release)")
     state = unwrap_state_dict(state, prefer_ema=False, extra_prefixes=VAE_KEY_PREFIXES)
     # Built on the meta device and filled by assignment: no time spent on a random initialization.
     with torch.device("meta"):

@@ -27,6 +27,7 @@ from rcm.models.wan_dit import WanDiT, WanDiTConfig
 from rcm.parallel.distributed import DistributedInfo
 from rcm.parallel.mesh import build_device_mesh, data_parallel_rank, mesh_dims
 from rcm.parallel.parallelize import parallelize_wan_dit
+from rcm.torch_files import read_torch_file
 
 log = logging.getLogger("rcm.train")
 
@@ -44,7 +45,8 @@ def load_negative_embedding(path: str | None, device: torch.device) -> torch.Ten
         return None
     if not Path(path).is_file():
         raise FileNotFoundError(f"data.negative_embedding: file {path} does not exist")
-    embedding = torch.load(path, map_location="cpu", weights_only=True)
+    embedding = read_torch_file(path, "data.negative_embedding", torch.Tensor, "a (tokens, text_dim) tensor",
+                                mmap=False)
     if embedding.dim() == 3 and embedding.shape[0] == 1:
         embedding = embedding[0]
     if embedding.dim() != 2:

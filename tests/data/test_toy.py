@@ -1,4 +1,5 @@
 """Tests of the toy mixture: determinism, shapes, mode statistics, separation, save/load and the data set builder."""
+import pytest
 import torch
 
 from rcm.data.shards import ShardLoader
@@ -91,3 +92,27 @@ def test_build_toy_dataset_writes_loadable_shards(tmp_path):
 
     build_toy_dataset(tmp_path, num_samples=10, samples_per_shard=20, mixture_config=config, seed=3)
     assert sorted(path.name for path in tmp_path.glob("*.tar")) == ["shard-000000.tar"]
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("text", ""), ("truncated", ""), ("list", "the dict that ToyMixture.save writes"),
+    ("tensor", "the dict that ToyMixture.save writes"),
+])
+def test_a_bad_ground_truth_is_one_sentence_naming_the_file(tmp_path, kind, expected):
+    """A text file, a truncated file, or a .pt holding a list or a tensor as ground_truth.pt: one sentence naming
+    the file and what it should hold, not torch's own error."""
+    from tests.test_torch_files import assert_one_sentence_about, write_bad_torch_file
+
+    path = write_bad_torch_file(tmp_path / GROUND_TRUTH_FILE, kind)
+    with pytest.raises(ValueError) as error:
+        ToyMixture.load(path)
+    assert str(error.value).startswith(f"toy ground truth {path} ")
+    assert_one_sentence_about(error.value, path, kind, expected)
+
+
+def test_a_dict_of_another_kind_is_no_ground_truth(tmp_path):
+    """A state dict in place of ground_truth.pt is named as not written by ToyMixture.save."""
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "weights.pt")
+    with pytest.raises(ValueError, match=rf"^toy ground truth {tmp_path / 'weights.pt'} is not one written by "
+                                         r"ToyMixture.save \(format_version None, expected 1\)$"):
+        ToyMixture.load(tmp_path / "weights.pt")

@@ -314,3 +314,21 @@ def test_every_checkpoint_damaged_ends_in_one_line_without_traceback(inputs, tmp
     assert last_line.startswith(f"rcm.evaluate: error: every checkpoint in {run / 'checkpoints'} is damaged")
     assert str(shard) in last_line and "Traceback" not in result.stderr
     assert not (run / "samples").exists()
+
+
+def test_prompts_file_that_is_no_embedding_ends_in_one_line(inputs, tmp_path):
+    """`python -m rcm.evaluate --prompts list.pt` (a .pt holding a list; the other bad files are the loader's
+    tests): exit 2 with one line naming the file and the (L, text_dim) tensor expected, no traceback, nothing
+    sampled."""
+    from tests.test_torch_files import BAD_FILE_MESSAGES, write_bad_torch_file
+
+    path = write_bad_torch_file(tmp_path / "list.pt", "list")
+    result = subprocess.run([sys.executable, "-m", "rcm.evaluate", "--checkpoint", str(inputs / "student.pth"),
+                             "--model", TINY_PRESET, "--prompts", str(path), "--latent-shape", "4", "1", "4", "4",
+                             "--steps", "1", "--samples-per-prompt", "1", "--device", "cpu", "--out",
+                             str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "RCM_DEBUG": "0", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: prompt embedding {path} {BAD_FILE_MESSAGES['list']} an (L, text_dim) tensor")
+    assert "Traceback" not in result.stderr and not (tmp_path / "out" / "samples").exists()

@@ -49,3 +49,31 @@ def test_wrong_embedding_width_is_named(mixture):
     prompts = load_prompts("toy", mixture)
     with pytest.raises(ValueError, match=r"prompt 0 \('toy prompt 0'\).*\(L, 16\)"):
         check_embeddings(prompts, text_len=8, text_dim=16)
+
+
+@pytest.mark.parametrize("kind", ["text", "truncated", "list", "dict"])
+def test_a_bad_embedding_file_is_one_sentence_naming_it(tmp_path, kind):
+    """A text file, a truncated file, or a .pt holding a list or a dict among the embeddings: one sentence naming
+    the file and the (L, text_dim) tensor expected, not torch's own error."""
+    from tests.test_torch_files import assert_one_sentence_about, write_bad_torch_file
+
+    torch.save(torch.zeros(2, 4), tmp_path / "a.pt")
+    path = write_bad_torch_file(tmp_path / "b.pt", kind)
+    with pytest.raises(ValueError) as error:
+        load_prompts(str(tmp_path))
+    assert str(error.value).startswith(f"prompt embedding {path} ")
+    assert_one_sentence_about(error.value, path, kind, *(["an (L, text_dim) tensor"] if kind in ("list", "dict") else []))
+
+
+def test_one_embedding_file_is_a_prompt_set_of_one(tmp_path):
+    """--prompts NAME.pt: that embedding is the one prompt (text from NAME.txt, else NAME)."""
+    torch.save(torch.ones(3, 4), tmp_path / "cat.pt")
+    prompts = load_prompts(str(tmp_path / "cat.pt"))
+    assert [(p.index, p.text, tuple(p.embedding.shape)) for p in prompts] == [(0, "cat", (3, 4))]
+
+
+def test_a_list_file_that_is_not_text_is_named(tmp_path):
+    """A binary file (here a torch file without the .pt suffix) as the prompt list: one sentence naming it."""
+    torch.save(torch.ones(3, 4), tmp_path / "prompts.bin")
+    with pytest.raises(ValueError, match=rf"^--prompts {tmp_path / 'prompts.bin'} is not a text list of prompts"):
+        load_prompts(str(tmp_path / "prompts.bin"))

@@ -226,3 +226,28 @@ def test_load_umt5_encoder_rejects_a_file_of_other_sizes(tmp_path):
     torch.save(tiny_encoder(dtype=torch.float32).state_dict(), path)
     with pytest.raises(ValueError, match=r"wrong shapes: blocks\.0\.attn\.k\.weight \(24, 16\) vs \(4096, 4096\)"):
         load_umt5_encoder(path)
+
+
+@pytest.mark.parametrize("kind", ["text", "truncated", "list", "tensor"])
+def test_load_umt5_encoder_names_a_file_that_is_no_state_dict(tmp_path, kind):
+    """A text file, a truncated file, or a .pth holding a list or a tensor as the encoder: one sentence naming the
+    file (and the official file for a wrong type), not torch's own error."""
+    from tests.test_torch_files import assert_one_sentence_about, write_bad_torch_file
+
+    path = write_bad_torch_file(tmp_path / "umt5.pth", kind)
+    with pytest.raises(ValueError) as error:
+        load_umt5_encoder(path, config=UMT5Config(**TINY))
+    assert str(error.value).startswith(f"umT5 encoder weights {path} ")
+    assert_one_sentence_about(error.value, path, kind,
+                              *([OFFICIAL_CHECKPOINT_NAME] if kind in ("list", "tensor") else []))
+
+
+def test_load_umt5_encoder_keeps_the_file_memory_mapped(tmp_path, monkeypatch):
+    """The 11 GB encoder is read through a memory map, never into memory at once."""
+    path = tmp_path / "tiny.pth"
+    torch.save(tiny_encoder(dtype=torch.float32).state_dict(), path)
+    calls = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: calls.append(kwargs.get("mmap")) or load(*args, **kwargs))
+    load_umt5_encoder(path, device="cpu", dtype=torch.float32, config=UMT5Config(**TINY))
+    assert calls == [True]

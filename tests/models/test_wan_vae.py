@@ -283,3 +283,16 @@ def test_missing_checkpoint_file_says_which_file_is_expected(tmp_path):
     with pytest.raises(FileNotFoundError, match="Wan2.1_VAE.pth") as error:
         load_wan_vae(path)
     assert str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("kind", ["text", "truncated", "list", "tensor"])
+def test_a_vae_file_that_is_no_state_dict_is_one_sentence(tmp_path, kind):
+    """A text file, a truncated file, or a .pth holding a list or a tensor as the VAE: one sentence naming the
+    file and the official file expected, not torch's own error."""
+    from tests.test_torch_files import assert_one_sentence_about, write_bad_torch_file
+
+    path = write_bad_torch_file(tmp_path / "vae.pth", kind)
+    with pytest.raises(ValueError) as error:
+        load_wan_vae(path, config=TINY)
+    assert str(error.value).startswith(f"Wan VAE weights {path} ")
+    assert_one_sentence_about(error.value, path, kind, *(["Wan2.1_VAE.pth"] if kind in ("list", "tensor") else []))
