@@ -44,6 +44,7 @@ from rcm.models.umt5 import UMT5Config
 from rcm.models.wan_vae import OFFICIAL_CHECKPOINT_NAME as VAE_CHECKPOINT_NAME
 from rcm.models.wan_vae import WanVAE, WanVAEConfig, load_wan_vae
 from rcm.parallel.compile import DEFAULT_VAE_CHUNK_FRAMES, speed_up_vae_decoder
+from rcm.torch_files import torch_file_problem
 from rcm.video import require_video_writer, write_mp4
 
 # (height, width) of the 16:9 videos Wan2.1 is trained on; 9:16 swaps them.
@@ -221,6 +222,12 @@ def check_files(args: argparse.Namespace, make_video: bool) -> None:
     if make_video and not Path(args.vae_path).is_file():
         raise FileNotFoundError(f"--vae_path {args.vae_path} does not exist; pass {VAE_CHECKPOINT_NAME} from the "
                                 "Wan2.1 release (it ships with every Wan2.1 model)")
+    # A file that cannot be a torch checkpoint at all (a text file, an empty one) fails now, not after sampling.
+    for flag, path, needed in (("--vae_path", args.vae_path, make_video),
+                               ("--t5_path", args.t5_path, bool(args.t5_path) and (args.prompt is not None or args.prompts_file))):
+        problem = torch_file_problem(path) if needed else None
+        if problem:
+            raise ValueError(f"{flag}: {problem}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -457,3 +457,17 @@ def test_vae_path_that_is_a_truncated_file_ends_in_one_line(release, tmp_path, e
     assert last_line.startswith(f"error: Wan VAE weights {vae_path} {BAD_FILE_MESSAGES['truncated']}")
     assert "Traceback" not in result.stderr
     assert (tmp_path / "out.pt").is_file() and not (tmp_path / "out.mp4").exists()
+
+
+@pytest.mark.parametrize("flag", ["--vae_path", "--t5_path"])
+def test_a_text_file_as_vae_or_encoder_fails_before_sampling(release, tmp_path, capsys, monkeypatch, flag):
+    """A text file given as the VAE or the text encoder ends in one line naming the flag and the file, before any
+    network loads (not after minutes of sampling)."""
+    notes = tmp_path / "notes.pth"
+    notes.write_text("not weights\n")
+    argv = cli_args(release, tmp_path / "out.mp4", "--prompt", "a cat")
+    argv[argv.index(flag) + 1] = str(notes)
+    monkeypatch.setattr(generate.NetworkSource, "load", lambda *a, **k: pytest.fail("a network loaded"))
+    assert generate.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0] and str(notes) in err[0] and "not a torch checkpoint" in err[0]
