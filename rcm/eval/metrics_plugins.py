@@ -24,6 +24,8 @@ from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
+from rcm.torch_files import read_torch_file
+
 LATENT_STATS_FORMAT = "rcm-latent-stats-v1"
 
 
@@ -135,8 +137,8 @@ class LatentStatistics:
     """Fréchet distance between the Gaussian fit of the samples' latent features and a reference fit."""
 
     def __init__(self, weights_path: Path):
-        reference = torch.load(weights_path, map_location="cpu", weights_only=True)
-        if not isinstance(reference, dict) or reference.get("format") != LATENT_STATS_FORMAT:
+        reference = read_torch_file(weights_path, "metric 'latent_stats':", dict, "a statistics dict", mmap=False)
+        if reference.get("format") != LATENT_STATS_FORMAT:
             raise ValueError(
                 f"metric 'latent_stats': {weights_path} is not a statistics file written by "
                 "rcm.eval.metrics_plugins.save_latent_statistics"

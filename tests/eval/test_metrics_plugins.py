@@ -93,3 +93,16 @@ def test_latent_stats_rejects_a_file_of_another_kind(tmp_path):
     torch.save({"mean": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="save_latent_statistics"):
         LatentStatistics(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize("content", ["text", "list"])
+def test_latent_stats_names_a_text_or_list_file(tmp_path, content):
+    """A text file or a list as the reference statistics ends in one sentence naming the metric and the file."""
+    path = tmp_path / "stats.pt"
+    if content == "text":
+        path.write_text("mean 0\n")
+    else:
+        torch.save([torch.zeros(3)], path)
+    with pytest.raises(ValueError, match=r"metric 'latent_stats': .*stats\.pt") as error:
+        LatentStatistics(path)
+    assert ("not a torch checkpoint" if content == "text" else "holds a list of 1 item") in str(error.value)
