@@ -52,7 +52,8 @@ def multinode_unavailable_reason(nodes: int = 3) -> str | None:
         return f"the multi-node controller does not answer ({error}); slurm/local_cluster.sh up --nodes 3"
     usable = [line.split()[0] for line in states if line.strip() and line.split()[1].rstrip("*~#") in USABLE]
     if len(usable) < nodes:
-        return f"the multi-node cluster has {len(usable)} usable nodes, these tests need {nodes}; slurm/local_cluster.sh up --nodes 3"
+        return (f"the multi-node cluster has {len(usable)} usable nodes, these tests need {nodes}; "
+                "slurm/local_cluster.sh up --nodes 3")
     return None
 
 
@@ -112,7 +113,8 @@ def sbatch(script: str, name: str, log: Path, options: list[str], overrides: lis
 def srun_tasks(nodes: int, tasks_per_node: int, *command: str, timeout: float = 300) -> None:
     """Run ``command`` as nodes x tasks_per_node tasks of one srun step; fail with its output if a task fails."""
     result = subprocess.run(["srun", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--cpus-per-task=1",
-                             "--time=5", *command], cwd=REPO, env=JOB_ENV, capture_output=True, text=True, timeout=timeout)
+                             "--time=5", *command],
+                            cwd=REPO, env=JOB_ENV, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
 
 
@@ -177,10 +179,12 @@ def test_two_by_two_mesh_across_two_nodes_matches_one_process(tmp_path):
             hosts = result["hosts"]
             assert hosts[rank] == hosts[rank ^ 1] and hosts[rank] != hosts[rank ^ 2], hosts  # CP pair on one node
             expected = reference["per_rank"][result["dp_rank"]]
-            torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(expected["losses"]), rtol=1e-5, atol=0)
+            torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(expected["losses"]),
+                                       rtol=1e-5, atol=0)
             for parameter, grad in reference["grads"].items():
                 torch.testing.assert_close(result["grads"][parameter], grad, rtol=1e-5,
-                                           atol=1e-5 * float(grad.abs().max()), msg=lambda m: f"{name} {parameter}: {m}")
+                                           atol=1e-5 * float(grad.abs().max()),
+                                           msg=lambda m: f"{name} {parameter}: {m}")
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +193,8 @@ def two_by_two_srun_run(toy_setup, tmp_path_factory):
     root = tmp_path_factory.mktemp("srun2x2")
     overrides = [*toy_overrides(toy_setup, 4, save_every=4), *TWO_BY_TWO, "train.async_save=false"]
     name = f"rcmmn-srun2x2-{uuid.uuid4().hex[:6]}"
-    job_id = sbatch("train_srun.sbatch", name, root / "job.out", ["--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1"],
+    job_id = sbatch("train_srun.sbatch", name, root / "job.out",
+                    ["--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1"],
                     [*overrides, f"run_dir={root / 'run'}"])
     try:
         record = wait_for_state(job_id, ("COMPLETED", "FAILED", "CANCELLED"), 300)
@@ -256,10 +261,16 @@ def test_pre_timeout_signal_on_two_nodes_checkpoints_requeues_and_resumes_bit_id
     is written by both, rank 0 requeues, and the requeued 2-node job resumes to the uninterrupted end state."""
     job_id = submit_drill(job_name, tmp_path, toy_setup)
     wait_until(lambda: heartbeat(tmp_path / "run").get("iteration", -1) >= 4, 180, "the job to reach iteration 4")
+    signalled_at = time.time()
     slurm("scancel", "--signal=USR2", job_id)
     record = wait_for_state(job_id, ("COMPLETED", "FAILED", "CANCELLED"), 300)
     text = (tmp_path / "job.out").read_text(errors="replace")
     stopped = re.search(r"stopped on SIGUSR2 at iteration (\d+)", text)
+    for event in ("requeued job", "resumed from"):
+        logged = re.search(r"\[([\d-]+ [\d:]+),(\d+)\]\[[\w.]+\]\[INFO\] - " + event, text)
+        if logged:
+            at = datetime.strptime(logged.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(logged.group(2)) / 1000
+            print(f"USR2 on 2 nodes: '{event}' {at - signalled_at:.1f} s after the signal")
     assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", text[-3000:]
     assert stopped and 4 <= int(stopped.group(1)) < DRILL_ITERS, text[-3000:]
     assert len(rank_states(tmp_path / "run" / "checkpoints" / f"iter_{int(stopped.group(1)):09d}")) == 2
@@ -295,7 +306,8 @@ def test_node_loss_ends_the_job_naming_the_lost_node_and_the_resume_on_one_node_
     killed_at = time.time()
     cluster("node-kill", "2")
     # Slurm requeues a batch job whose node failed (--requeue): it leaves RUNNING once n2 is declared DOWN.
-    record = wait_until(lambda: (r := job_record(job_id))["JobState"] != "RUNNING" and r, 120, "the job to stop running")
+    record = wait_until(lambda: (r := job_record(job_id))["JobState"] != "RUNNING" and r, 120,
+                        "the job to stop running")
     ended_after = time.time() - killed_at
     slurm("scancel", job_id, check=False)  # the requeued job would wait for n2; resume on n1 instead
     text = (tmp_path / "job.out").read_text(errors="replace")
@@ -303,7 +315,8 @@ def test_node_loss_ends_the_job_naming_the_lost_node_and_the_resume_on_one_node_
             r"this rank's error names its address 10\.77\.0\.12"
     assert re.search(named, text), text[-3000:]
     failed = re.search(r"\[([\d-]+ [\d:]+),(\d+)\]\[rcm\.train\]\[ERROR\] - rank 0 of 2 failed", text)
-    detected_after = datetime.strptime(failed.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(failed.group(2)) / 1000 - killed_at
+    failed_at = datetime.strptime(failed.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(failed.group(2)) / 1000
+    detected_after = failed_at - killed_at
     assert detected_after < 10, detected_after  # the survivor's next collective fails at once, long before the timeout
     assert ended_after < 60, ended_after  # Slurm declares n2 DOWN (SlurmdTimeout=10) and requeues the job
     checkpoints = sorted((run_dir / "checkpoints").glob("iter_*"))
@@ -328,7 +341,8 @@ def test_node_loss_ends_the_job_naming_the_lost_node_and_the_resume_on_one_node_
     shutil.copytree(uninterrupted_two_node_run / "checkpoints" / f"iter_{latest:09d}",
                     continued / "checkpoints" / f"iter_{latest:09d}")
     result = subprocess.run([sys.executable, "-m", "rcm.train", *overrides, f"run_dir={continued}"], cwd=REPO,
-                            env={k: v for k, v in JOB_ENV.items() if k != "SLURM_CONF"}, capture_output=True, text=True, timeout=300)
+                            env={k: v for k, v in JOB_ENV.items() if k != "SLURM_CONF"},
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     reference_iteration, reference = final_state(continued, overrides)
     iteration, resumed = final_state(run_dir, overrides)
