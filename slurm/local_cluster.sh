@@ -269,32 +269,32 @@ mn_usable_nodes() {  # how many nodes take jobs
     mn_slurm sinfo -h -N -o %T 2>/dev/null | grep -Ec "^(idle|mixed|allocated|completing)" || true
 }
 
-mn_write_config() {  # mn_write_config N: the config, hosts and resolv.conf files of an N-node cluster
-    local nodes=$1 cpus memory_mb gpus node_lines="" hosts k i
+mn_write_config() {  # mn_write_config N DIR: the slurm.conf, gres.conf, hosts and resolv.conf of an N-node cluster
+    local nodes=$1 etc=$2 cpus memory_mb gpus node_lines="" hosts k i
     cpus=${RCM_SLURM_CPUS:-$(nproc)}
     memory_mb=${RCM_SLURM_MEMORY_MB:-$(awk '/MemTotal/ {print int($2 / 1024 * 0.8)}' /proc/meminfo)}
     gpus=${RCM_SLURM_GPUS:-2}
-    mkdir -p "$MN_DIR"/{etc,state,run,log} "$PLACEHOLDER_GPU_DIR"
+    mkdir -p "$etc" "$PLACEHOLDER_GPU_DIR"
     for i in $(seq 0 $((gpus - 1))); do touch "$PLACEHOLDER_GPU_DIR/gpu$i"; done
     hosts="127.0.0.1 localhost
 $MN_NET.1 mnctl"
     for k in $(seq "$nodes"); do
-        mkdir -p "$MN_DIR/spool/n$k"  # slurmd does not create its %n spool directory
         node_lines+="NodeName=n$k NodeAddr=$MN_NET.$((10 + k)) NodeHostname=n$k CPUs=$cpus Sockets=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=$memory_mb Gres=gpu:$gpus State=UNKNOWN
 "
         hosts+="
 $MN_NET.$((10 + k)) n$k"
     done
-    printf '%s\n' "$hosts" >"$MN_DIR/etc/hosts"
+    printf '%s\n' "$hosts" >"$etc/hosts"
     # No nameserver inside a node's namespace: an unknown name must fail at once, not after 10-20 s.
-    printf 'nameserver 127.0.0.1\noptions timeout:1 attempts:1\n' >"$MN_DIR/etc/resolv.conf"
+    printf 'nameserver 127.0.0.1\noptions timeout:1 attempts:1\n' >"$etc/resolv.conf"
     printf '%s\nNodeName=n[1-%d] Name=gpu File=%s/gpu[0-%d]\n' "$MARKER" "$nodes" "$PLACEHOLDER_GPU_DIR" \
-        $((gpus - 1)) >"$MN_DIR/etc/gres.conf"
+        $((gpus - 1)) >"$etc/gres.conf"
     # As the one-node config, and: SlurmdTimeout=10 (a lost node is DOWN and its job requeued ~25 s
-    # after it stops answering; default 300 s); sched/backfill with bf_interval=1 (the FIFO scheduler keeps a
+    # after it stops answering; default 300 s); EnforcePartLimits=ALL (a job asking for more nodes than the
+    # partition has is refused at submission instead of pending forever); sched/backfill with bf_interval=1 (the FIFO scheduler keeps a
     # --nodes=1-2 job waiting behind a job that needs a DOWN node); CR_Core (memory is not a resource here:
     # every node advertises most of this one machine's RAM).
-    cat >"$MN_CONF" <<EOF
+    cat >"$etc/slurm.conf" <<EOF
 $MARKER
 ClusterName=rcmmulti
 SlurmctldHost=mnctl($MN_NET.1)
@@ -323,6 +323,7 @@ SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=1,bf_interval=1
 SlurmdParameters=config_overrides
+EnforcePartLimits=ALL
 GresTypes=gpu
 ReturnToService=2
 SlurmdTimeout=10
@@ -362,16 +363,22 @@ mn_wait_usable() {  # mn_wait_usable N SECONDS: until N nodes take jobs; false a
 }
 
 mn_up() {  # mn_up N
-    local nodes=$1 started=$SECONDS k
-    if [ "$(mn_node_count)" = "$nodes" ] && pid_alive "$MN_DIR/run/slurmctld.pid" \
+    local nodes=$1 started=$SECONDS k wanted
+    wanted=$(mktemp -d)
+    mn_write_config "$nodes" "$wanted"
+    if [ -d "$MN_DIR/etc" ] && diff -rq "$wanted" "$MN_DIR/etc" >/dev/null && pid_alive "$MN_DIR/run/slurmctld.pid" \
         && [ "$(mn_usable_nodes)" = "$nodes" ]; then
+        rm -rf "$wanted"
         say "multi-node cluster already up: $(mn_slurm sinfo -h -o '%D nodes %N %T' | tr '\n' ' ')"
         return
     fi
     install_packages
     start_munge
-    mn_down quiet  # whatever is left of an earlier cluster (another size, a killed daemon) goes first
-    mn_write_config "$nodes"
+    mn_down quiet  # whatever is left of an earlier cluster (another size or config, a killed daemon) goes first
+    mkdir -p "$MN_DIR"/{state,run,log}
+    mv "$wanted" "$MN_DIR/etc"
+    chmod 755 "$MN_DIR/etc"  # mktemp's 700 would hide the config from job steps of other users
+    for k in $(seq "$nodes"); do mkdir -p "$MN_DIR/spool/n$k"; done  # slurmd does not create its %n spool
     ip link add "$MN_BRIDGE" type bridge
     ip addr add "$MN_NET.1/24" dev "$MN_BRIDGE"
     ip link set "$MN_BRIDGE" up

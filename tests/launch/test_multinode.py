@@ -164,6 +164,19 @@ def test_slurm_variables_map_to_torch_distributed_on_several_nodes(nodes, tasks_
     assert len({r["MASTER_PORT"] for r in records}) == 1
 
 
+def test_more_nodes_than_the_cluster_holds_is_refused_at_submission(toy_setup, tmp_path):
+    """sbatch --nodes=4 on the 3-node cluster: Slurm refuses it in one line, before anything runs."""
+    result = subprocess.run(["sbatch", "--parsable", "--nodes=4", "--ntasks-per-node=1", "--cpus-per-task=1",
+                             "--gpus-per-node=2",
+                             f"--output={tmp_path / 'job.out'}", str(REPO / "slurm" / "train_srun.sbatch"),
+                             *toy_overrides(toy_setup, 4, save_every=4), f"run_dir={tmp_path / 'run'}"],
+                            cwd=REPO, env=JOB_ENV, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "sbatch: error: Batch job submission failed: Node count specification invalid"], result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 # -- (2) dp_shard x cp = 2 x 2 on 2 nodes x 2 tasks --
 def test_two_by_two_mesh_across_two_nodes_matches_one_process(tmp_path):
     """One rCM step (student and critic) under dp_shard x cp = 2 x 2, CP inside each node and FSDP across the two:
