@@ -297,6 +297,24 @@ def test_pre_timeout_signal_on_two_nodes_checkpoints_requeues_and_resumes_bit_id
     assert same_value(rank_states(tmp_path / "run" / final), rank_states(uninterrupted_two_node_run / final))
 
 
+def test_a_signal_to_the_batch_shell_alone_is_forwarded_to_the_ranks_on_both_nodes(
+        uninterrupted_two_node_run, toy_setup, tmp_path, job_name):
+    """`scancel --batch --signal=USR2` (what `--signal=B:USR2@T` does) reaches only the batch shell on n1: the
+    template forwards it to the step, so the ranks on n1 and n2 stop, save and requeue, and the job resumes to
+    the uninterrupted end state."""
+    job_id = submit_drill(job_name, tmp_path, toy_setup)
+    wait_until(lambda: heartbeat(tmp_path / "run").get("iteration", -1) >= 4, 180, "the job to reach iteration 4")
+    slurm("scancel", "--batch", "--signal=USR2", job_id)
+    record = wait_for_state(job_id, ("COMPLETED", "FAILED", "CANCELLED"), 300)
+    text = (tmp_path / "job.out").read_text(errors="replace")
+    assert "batch shell: got SIGUSR2; forwarding it" in text, text[-3000:]
+    assert re.search(r"stopped on SIGUSR2 at iteration \d+", text), text[-3000:]
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", record
+    overrides = drill_overrides(toy_setup)
+    _, reference = final_state(uninterrupted_two_node_run, overrides)
+    assert_same_state(reference, final_state(tmp_path / "run", overrides)[1])
+
+
 @pytest.fixture
 def restore_node_2():
     """Node n2 is started again (and usable) after a drill that killed it."""
