@@ -366,11 +366,14 @@ mn_up() {  # mn_up N
     local nodes=$1 started=$SECONDS k wanted
     wanted=$(mktemp -d)
     mn_write_config "$nodes" "$wanted"
-    if [ -d "$MN_DIR/etc" ] && diff -rq "$wanted" "$MN_DIR/etc" >/dev/null && pid_alive "$MN_DIR/run/slurmctld.pid" \
-        && [ "$(mn_usable_nodes)" = "$nodes" ]; then
-        rm -rf "$wanted"
-        say "multi-node cluster already up: $(mn_slurm sinfo -h -o '%D nodes %N %T' | tr '\n' ' ')"
-        return
+    if [ -d "$MN_DIR/etc" ] && diff -rq "$wanted" "$MN_DIR/etc" >/dev/null && pid_alive "$MN_DIR/run/slurmctld.pid"; then
+        # The same cluster: restart only what is missing (a killed node), so running jobs survive.
+        for k in $(seq "$nodes"); do ip link set "rcmv$k" up 2>/dev/null || true; mn_start_node "$k"; done
+        if mn_wait_usable "$nodes" 15; then
+            rm -rf "$wanted"
+            say "multi-node cluster already up: $(mn_slurm sinfo -h -o '%D nodes %N %T' | tr '\n' ' ')"
+            return
+        fi
     fi
     install_packages
     start_munge
