@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from rcm.checkpoint.manager import is_complete
+from tests.launch.test_slurm import _half_written, wait_until
 from tests.launch.toy_run import assert_same_state, final_state, rank_states, same_value, toy_overrides
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,17 +77,6 @@ def job_record(job_id: str) -> dict[str, str]:
     """`scontrol show job` as a dict."""
     out = slurm("scontrol", "show", "job", "-o", job_id)
     return dict(field.split("=", 1) for field in out.split() if "=" in field)
-
-
-def wait_until(condition, timeout: float, what: str, interval: float = 0.1):
-    """Poll ``condition`` until it returns something truthy; fail naming ``what`` after ``timeout`` s."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def wait_for_state(job_id: str, states: tuple[str, ...], timeout: float) -> dict[str, str]:
@@ -437,14 +427,6 @@ def test_sweep_of_two_node_jobs_one_cancelled_the_other_completes(toy_setup, tmp
     assert "lr: 0.0001" in (tmp_path / "0" / "config.yaml").read_text()
     assert "lr: 0.0003" in (tmp_path / "1" / "config.yaml").read_text()
     assert not (tmp_path / "1" / "checkpoints" / "iter_000000012").exists()
-
-
-def _half_written(run_dir: Path) -> list[Path]:
-    """Checkpoints being written: incomplete and newer than every complete one (an older incomplete one is being
-    pruned, its marker removed first)."""
-    found = sorted((run_dir / "checkpoints").glob("iter_*"))
-    complete = [p for p in found if is_complete(p)]
-    return [p for p in found if not is_complete(p) and (not complete or p.name > complete[-1].name)]
 
 
 def test_sigkill_of_one_nodes_rank_during_an_async_save_leaves_the_previous_checkpoint(toy_setup, tmp_path, job_name):
