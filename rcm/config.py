@@ -19,6 +19,7 @@ from rcm.distill.dmd import FIXED_INTERMEDIATE_TIMES
 from rcm.distill.time import TimeSamplerConfig, as_time_sampler_config
 from rcm.distill.trigflow import check_guidance_scale, uses_guidance
 from rcm.models.wan_dit import WanDiTConfig
+from rcm.observe.backends import check_backends, check_writable_directory
 from rcm.parallel.mesh import parallel_config_problems
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -126,6 +127,19 @@ class LaunchConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Where metrics go and what is watched while training (rcm/observe, README "Watching a run")."""
+
+    backends: list[str] = field(default_factory=lambda: ["jsonl"])  # jsonl (always written), tensorboard, wandb
+    dir: Optional[str] = None  # TensorBoard's and W&B's files go under this directory (default: run_dir)
+    wandb_project: str = "rcm"
+    telemetry_every: int = 100  # iterations between NVML readings of each rank's GPU (0: off)
+    cpu_affinity: bool = True  # on GPU nodes, pin each rank to the CPU cores NVML names near its GPU
+    straggler_every: int = 100  # iterations between the all-gathers of per-rank step times (0: off)
+    straggler_factor: float = 1.5  # a rank whose step phase takes this many times the median is named
+
+
+@dataclass
 class ParallelConfig:
     """The device mesh (dp_replicate × dp_shard × cp = processes) and how the networks are sharded (rcm/parallel)."""
 
@@ -156,6 +170,7 @@ class RCMConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def register_configs() -> None:
@@ -213,6 +228,8 @@ def validate_config(cfg: Any) -> None:
         _validate_optim(optim)
     if (launch := _optional_section(cfg, "launch")) is not None:
         _validate_launch(launch)
+    if (logging_section := _optional_section(cfg, "logging")) is not None:
+        _validate_logging(logging_section)
     if (parallel := _optional_section(cfg, "parallel")) is not None:
         _validate_parallel(parallel, cfg.model, data.latent_shape, train.batch_size)
     for key in ("scm_time", "dmd_time", "flow_matching_time"):
@@ -267,6 +284,21 @@ def _validate_optim(optim: Any) -> None:
                           f"got {optim.min_lr_ratio}")
     if optim.warmup_iters < 0:
         raise ConfigError(f"optim.warmup_iters must be at least 0, got {optim.warmup_iters}")
+
+
+def _validate_logging(section: Any) -> None:
+    for key in ("telemetry_every", "straggler_every"):
+        value = section[key] if OmegaConf.is_config(section) else getattr(section, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"logging.{key} must be a whole number of iterations, at least 0 (0: off), got {value!r}")
+    if not section.straggler_factor > 1:
+        raise ConfigError(f"logging.straggler_factor must be more than 1 (times the median step), got {section.straggler_factor}")
+    try:
+        check_backends(list(section.backends))
+        if section.dir and set(section.backends) - {"jsonl"}:
+            check_writable_directory(section.dir, "logging.dir")
+    except UserError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _validate_launch(launch: Any) -> None:

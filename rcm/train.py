@@ -23,6 +23,7 @@ from rcm.launch.requeue import stop_and_requeue
 from rcm.launch.signals import StopRequest
 from rcm.parallel.distributed import init_distributed, resolve_device, shutdown_distributed
 from rcm.training.metrics_log import MetricsLog
+from rcm.training.monitor import TrainingMonitor, pin_cpu_affinity
 from rcm.training.nonfinite import NonFiniteBudget, StepOutcome
 from rcm.training.state import TrainingState, build_network, load_negative_embedding
 from rcm.training.step import lr_factor, set_learning_rate, train_step
@@ -40,10 +41,11 @@ class Trainer(TrainingState):
     ``train.max_iters``, with interval saves, logs and stop signals."""
 
     last_outcome: StepOutcome | None = None
+    monitor: TrainingMonitor | None = None
 
     def step(self) -> dict[str, Any]:
         """One iteration: a batch, the scheduled network's loss, backward, gradient sync, update; returns its logs."""
-        self.last_outcome = train_step(self)
+        self.last_outcome = train_step(self, self.monitor.timer if self.monitor is not None else None)
         return self.last_outcome.logs
 
     def _set_lr(self, role: str) -> None:
@@ -63,19 +65,23 @@ class Trainer(TrainingState):
         budget = NonFiniteBudget(cfg.max_skipped_updates, cfg.skipped_updates_window, self.info.world_size, self.device)
         logs: dict[str, Any] = {}
         started = time.time()
+        self.monitor = monitor = TrainingMonitor(self, heartbeat)
         with MetricsLog(self.cfg.run_dir, self.iteration, cfg.max_iters, cfg.log_every, self.info.is_main,
-                        cfg.progress_bar, self.cfg.name) as metrics:
+                        cfg.progress_bar, self.cfg.name, self.cfg.logging.backends, self.cfg.logging.dir,
+                        self.cfg.logging.wandb_project, _plain_config(self.cfg)) as metrics:
             while self.iteration < cfg.max_iters:
                 logs.update(self.step())  # keeps the latest value of every network's numbers
-                budget.record(self.iteration - 1, self.last_outcome)
+                self.skipped_updates += budget.record(self.iteration - 1, self.last_outcome)
                 if lease is not None and lease.lost:  # another run took the directory over: write nothing more
                     raise LeaseHeld(f"this run lost the lease of {lease.path} at iteration {self.iteration} "
                                     "(see the log above for its new holder) and stops without saving")
                 if heartbeat is not None:
                     heartbeat.beat(self.iteration)
-                metrics.record(self.iteration, logs)
                 if self.iteration % cfg.save_every == 0 or self.iteration == cfg.max_iters:
-                    self.save()
+                    with monitor.timer.phase("checkpoint"):  # what an (asynchronous) save holds training up
+                        self.save()
+                monitor.end_step(logs["role"])
+                metrics.record(self.iteration, {**logs, **monitor.observe(self.iteration, metrics.due(self.iteration))})
                 if stop is not None and self.iteration < cfg.max_iters and stop.should_stop(self.iteration):
                     self.save(wait=True)  # on disk before the job is requeued; at once if this iteration is saved
                     logs["stopped_by"] = stop.signal_name
@@ -85,6 +91,13 @@ class Trainer(TrainingState):
         elif self.info.is_main:
             log.info("finished %d iterations in %.1f s", self.iteration, time.time() - started)
         return {"iteration": self.iteration, **logs}
+
+
+def _plain_config(cfg: Any) -> dict:
+    """The resolved config as plain containers (W&B's run config)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else {}
 
 
 def train(cfg: Any) -> dict[str, Any]:
@@ -97,6 +110,8 @@ def train(cfg: Any) -> dict[str, Any]:
     launch = cfg.launch
     device = resolve_device(cfg.train.device)
     info = init_distributed(device, launch.collective_timeout_minutes, launch.nccl_env)
+    if cfg.logging.cpu_affinity:
+        pin_cpu_affinity(device, info)
     try:  # one writer per run directory, before anything is written into it; every rank hears of a refusal
         lease = lease_run_directory(cfg.run_dir, info.is_main, info.world_size, launch.lease_timeout_minutes * 60,
                                     launch.heartbeat_every_s)

@@ -38,6 +38,7 @@ class Heartbeat:
         self.path = self.directory / f"rank_{rank:05d}.json"
         self.iteration: int | None = None
         self.progress_time = time.time()
+        self.fields: dict = {}  # what rcm.observe adds: this rank's GPU readings, its step times, slow ranks
         self._armed = False
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -55,10 +56,16 @@ class Heartbeat:
             self._thread = threading.Thread(target=self._keep_writing, name=f"heartbeat-rank{self.rank}", daemon=True)
             self._thread.start()
 
+    def report(self, **fields) -> None:
+        """Add ``fields`` (JSON values) to every record from now on; ``slow``: this rank's slow phase at the last
+        straggler check as {"phase", "seconds", "median_s"}, or None."""
+        self.fields.update(fields)
+
     def write(self) -> None:
         """Rewrite the heartbeat file now."""
-        record = {"rank": self.rank, "iteration": self.iteration, "progress_time": self.progress_time, "time": time.time(),
-                  "host": socket.gethostname(), "pid": os.getpid(), "job_id": os.environ.get("SLURM_JOB_ID")}
+        record = {**self.fields, "rank": self.rank, "iteration": self.iteration, "progress_time": self.progress_time,
+                  "time": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
+                  "job_id": os.environ.get("SLURM_JOB_ID")}
         atomic_write_bytes(self.path, json.dumps(record).encode())
 
     def _keep_writing(self) -> None:
@@ -112,6 +119,10 @@ def describe_heartbeats(directory: str | Path, stale_after_s: float, now: float 
         elif r["iteration"] < newest:
             lines.append(f"{where}: at iteration {r['iteration']} while others reached {newest}, "
                          f"no progress for {idle_s:.0f} s")
+        elif r.get("slow"):  # named by the last straggler check (rcm/observe/stragglers.py)
+            slow = r["slow"]
+            lines.append(f"{where}: slow at the last straggler check, {slow['phase']} {slow['seconds']:.3f} s per step "
+                         f"against a median of {slow['median_s']:.3f} s")
     return "\n".join(lines)
 
 

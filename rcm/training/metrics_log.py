@@ -1,38 +1,43 @@
-"""What a run reports while it trains: ``<run_dir>/metrics.jsonl`` (one JSON line per logged iteration, main
-rank only) and the progress bar on stderr."""
+"""What a run reports while it trains: every ``log_every`` iterations its logs go to the main rank's backends
+(``<run_dir>/metrics.jsonl`` always, TensorBoard and W&B by ``logging.backends``: rcm/observe/backends.py), and
+the progress bar on stderr shows the losses."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
+from rcm.observe.backends import MetricsBackends, open_backends
+
 
 class MetricsLog:
-    """The metrics file and the progress bar of one run; a context manager that closes both."""
+    """The backends and the progress bar of one run; a context manager that closes both."""
 
     def __init__(self, run_dir: str | Path, initial: int, total: int, log_every: int, is_main: bool,
-                 progress_bar: bool, name: str):
+                 progress_bar: bool, name: str, backends: list[str] = (), log_dir: str | None = None,
+                 project: str = "rcm", config: dict | None = None):
         self.log_every, self.total = log_every, total
-        self.file = open(Path(run_dir) / "metrics.jsonl", "a") if is_main else None
+        self.backends = (open_backends(list(backends), run_dir, log_dir, initial, project, name, config)
+                         if is_main else MetricsBackends([]))
         self.progress = _progress(initial, total, enabled=progress_bar and is_main, desc=name)
+
+    def due(self, iteration: int) -> bool:
+        """Whether ``iteration`` is one whose logs are written."""
+        return iteration % self.log_every == 0 or iteration == self.total
 
     def record(self, iteration: int, logs: dict[str, Any]) -> None:
         """One iteration finished: advance the bar; every ``log_every`` iterations and at the end, show the losses
-        and append ``logs`` to metrics.jsonl."""
+        and write ``logs`` to the backends."""
         self.progress.update(1)
-        if iteration % self.log_every == 0 or iteration == self.total:
+        if self.due(iteration):
             shown = {k: round(v, 4) for k, v in logs.items() if k.startswith("loss/")}
             self.progress.set_postfix(shown, refresh=False)
-            if self.file:
-                self.file.write(json.dumps({"iteration": iteration, **logs}) + "\n")
-                self.file.flush()
+            self.backends.write(iteration, logs)
 
     def close(self) -> None:
-        """Close the bar and the file."""
+        """Close the bar and the backends."""
         self.progress.close()
-        if self.file:
-            self.file.close()
+        self.backends.close()
 
     def __enter__(self) -> "MetricsLog":
         return self

@@ -113,6 +113,7 @@ class TrainingState:
         self.iteration = 0
         self.student_iteration = 0
         self.skipped_steps = 0
+        self.skipped_updates = 0  # iterations the non-finite budget counted as skipped, over the whole run
         self.checkpoints = CheckpointManager(Path(cfg.run_dir) / "checkpoints", info, cfg.train.keep_last,
                                              cfg.train.keep_every, cfg.train.async_save, cfg.train.async_save_mode,
                                              restart_if_all_damaged=cfg.train.restart_if_all_damaged)
@@ -146,6 +147,7 @@ class TrainingState:
         return {
             "iteration": self.iteration,
             "student_iteration": self.student_iteration,
+            "skipped_updates": self.skipped_updates,
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "loader": self.loader.state_dict(),
@@ -185,6 +187,7 @@ class TrainingState:
             if self.info.is_main:
                 log.warning("checkpoint %s was %s", path, explanation)
         self.student_iteration = rank_state["student_iteration"]
+        self.skipped_updates = rank_state.get("skipped_updates", 0)  # absent from older checkpoints
         self.generator.set_state(rank_state["generator"])
         torch.set_rng_state(rank_state["torch_rng"])
         self.loader.load_state_dict(rank_state["loader"])

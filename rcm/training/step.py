@@ -11,6 +11,7 @@ from torch.distributed.tensor import DTensor
 
 from rcm.data.shards import nonfinite_samples
 from rcm.distill.distiller import STUDENT
+from rcm.observe.step_timing import StepTimer
 from rcm.parallel.gradient_accumulation import backward_micro_batches, split_micro_batches
 from rcm.training.nonfinite import StepOutcome
 from rcm.training.state import TrainingState
@@ -54,38 +55,43 @@ def autocast(state: TrainingState):
     return contextlib.nullcontext()
 
 
-def train_step(state: TrainingState) -> StepOutcome:
-    """One iteration: a batch, the scheduled network's loss, backward, gradient sync, update."""
-    batch = next(state.loader)
-    bad_inputs = nonfinite_samples(batch)  # on the host, before the copy: names the sample, not a tensor row
-    if bad_inputs:
-        _warn_nonfinite_input(state.iteration, bad_inputs)
-    batch = {k: v.to(state.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+def train_step(state: TrainingState, timer: StepTimer | None = None) -> StepOutcome:
+    """One iteration: a batch, the scheduled network's loss, backward, gradient sync, update; ``timer`` times its
+    phases (data, forward_backward, optimizer)."""
+    phase = timer.phase if timer is not None else lambda name: contextlib.nullcontext()
+    with phase("data"):
+        batch = next(state.loader)
+        bad_inputs = nonfinite_samples(batch)  # on the host, before the copy: names the sample, not a tensor row
+        if bad_inputs:
+            _warn_nonfinite_input(state.iteration, bad_inputs)
+        batch = {k: v.to(state.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     role = STUDENT if state.distiller.method == "flow_matching" else state.distiller.kind(state.iteration)
     network, optimizer = state.networks()[role], state.optimizers[role]
     set_learning_rate(state, role)
-    optimizer.zero_grad(set_to_none=True)
 
     def micro_batch_loss(micro_batch):
         with autocast(state):
             return state.distiller.loss(micro_batch, state.iteration)
 
-    micro_batches = split_micro_batches(batch, state.cfg.parallel.grad_accumulation)
-    results = backward_micro_batches(network, micro_batches, micro_batch_loss)
-    result = results[-1]
-    max_norm = state.cfg.optim.grad_clip if state.cfg.optim.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), max_norm)
-    if isinstance(grad_norm, DTensor):
-        grad_norm = grad_norm.full_tensor()
-    update_skipped = not torch.isfinite(grad_norm)
-    if update_skipped:  # a NaN that the loss guards could not stop (e.g. inside the network): skip, don't poison Adam
-        state.skipped_steps += 1
-        log.warning("iteration %d: non-finite %s gradient norm, update skipped", state.iteration, role)
-    else:
-        optimizer.step()
-    if role == STUDENT:
-        state.ema.update(state.student, state.student_iteration)
-        state.student_iteration += 1
+    with phase("forward_backward"):
+        optimizer.zero_grad(set_to_none=True)
+        micro_batches = split_micro_batches(batch, state.cfg.parallel.grad_accumulation)
+        results = backward_micro_batches(network, micro_batches, micro_batch_loss)
+        result = results[-1]
+        max_norm = state.cfg.optim.grad_clip if state.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), max_norm)
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
+        update_skipped = not torch.isfinite(grad_norm)
+    with phase("optimizer"):
+        if update_skipped:  # a NaN that the loss guards could not stop (e.g. inside the network): skip, don't poison Adam
+            state.skipped_steps += 1
+            log.warning("iteration %d: non-finite %s gradient norm, update skipped", state.iteration, role)
+        else:
+            optimizer.step()
+        if role == STUDENT:
+            state.ema.update(state.student, state.student_iteration)
+            state.student_iteration += 1
     state.iteration += 1
     # A sample is non-finite if any of its loss terms was (the loss guards count them as "<term>/nonfinite").
     nonfinite = sum(max((v for k, v in r.logs.items() if k.endswith("/nonfinite")), default=0) for r in results)
