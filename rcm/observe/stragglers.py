@@ -2,9 +2,10 @@
 logged and a rank slower than ``factor`` × the median in some phase is named by host and local rank.
 
 In synchronous data-parallel training every rank's *step* takes as long as the slowest one's (the others wait
-in the gradient collectives), so the step time alone cannot name the culprit: its phases can. Data loading and
-checkpoint staging are each rank's own work, the optimizer step runs on local shards, and a slow rank shows there
-while the others show the same wait inside forward + backward.
+in the gradient collectives), so the step time alone cannot name the culprit, and forward + backward (and a
+checkpoint save) hold that wait: the fast ranks look slow there. Only the phases that are a rank's own work,
+``OWN_WORK_PHASES``, name it: data loading (a slow file system or CPU) and the optimizer step on local shards
+(a slow or throttled GPU).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from rcm.observe.step_timing import PHASES, TimerTotals
 
 log = logging.getLogger("rcm.observe")
 COLUMNS = ("step", *PHASES)
+OWN_WORK_PHASES = ("data", "optimizer")  # no collective inside: a rank's time there is its own
 # A phase this few seconds over the median is noise, whatever the ratio (a 1 ms data phase against 0.3 ms).
 MIN_EXCESS_S = 0.01
 
@@ -47,11 +49,11 @@ def mean_times(window: TimerTotals) -> list[float]:
 
 
 def find_slow_ranks(times: list[list[float]], places: list[tuple[str, int]], factor: float) -> list[SlowRank]:
-    """The ranks (rows of ``times``, in ``COLUMNS`` order) slower than ``factor`` × the median in some phase, one
-    entry per rank (its worst phase); ``places``: each rank's (host, local rank)."""
+    """The ranks (rows of ``times``, in ``COLUMNS`` order) slower than ``factor`` × the median in one of the
+    ``OWN_WORK_PHASES``, one entry per rank (its worst phase); ``places``: each rank's (host, local rank)."""
     slow: dict[int, SlowRank] = {}
-    for column, phase in enumerate(COLUMNS):
-        values = [row[column] for row in times]
+    for phase in OWN_WORK_PHASES:
+        values = [row[COLUMNS.index(phase)] for row in times]
         # The lower median: with two ranks it is the faster one, so the slower can be named at all.
         median = statistics.median_low(values)
         for rank, value in enumerate(values):
