@@ -52,6 +52,26 @@ def master_port_for_job(job_id: str | int) -> int:
     return MASTER_PORT_BASE + int(digits) % MASTER_PORT_SPAN
 
 
+def expand_tasks_per_node(counts: str) -> list[int]:
+    """Slurm's per-node task counts ('2(x3),1') as one number per node ([2, 2, 2, 1])."""
+    per_node: list[int] = []
+    for group in counts.split(","):
+        count, _, repeat = group.partition("(x")
+        per_node += [int(count)] * int(repeat.rstrip(")") or 1)
+    return per_node
+
+
+def tasks_on_node(environ: Mapping[str, str], world_size: int, nodes: int) -> int:
+    """How many tasks of the step run on this task's node; an even split when Slurm does not say."""
+    counts = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
+    node = int(environ.get("SLURM_NODEID", "0"))
+    if counts:
+        per_node = expand_tasks_per_node(counts)
+        if node < len(per_node):
+            return per_node[node]  # uneven steps (-n3 on 2 nodes: 2,1) differ from node to node
+    return max(1, world_size // max(1, nodes))
+
+
 def slurm_job_reference(environ: Mapping[str, str]) -> str | None:
     """The id naming this job alone to scontrol and scancel; None outside Slurm.
 
@@ -81,7 +101,7 @@ def slurm_task_env(environ: Mapping[str, str]) -> dict[str, str] | None:
         "RANK": environ["SLURM_PROCID"],
         "WORLD_SIZE": str(world_size),
         "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
-        "LOCAL_WORLD_SIZE": str(max(1, world_size // max(1, nodes))),
+        "LOCAL_WORLD_SIZE": str(tasks_on_node(environ, world_size, nodes)),
         "NODE_RANK": environ.get("SLURM_NODEID", "0"),
     }
 

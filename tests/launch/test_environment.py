@@ -109,3 +109,14 @@ def test_a_job_array_task_is_named_by_array_and_task_id():
     assert slurm_job_reference({"SLURM_JOB_ID": "26", "SLURM_ARRAY_JOB_ID": "25", "SLURM_ARRAY_TASK_ID": "0"}) == "25_0"
     assert slurm_job_reference({"SLURM_JOB_ID": "42"}) == "42"
     assert slurm_job_reference({}) is None
+
+
+def test_local_world_size_follows_slurms_tasks_per_node_also_when_uneven():
+    """`srun -N2 -n3` puts 2 tasks on the first node and 1 on the second (SLURM_STEP_TASKS_PER_NODE=2,1)."""
+    from rcm.launch.environment import expand_tasks_per_node
+
+    assert expand_tasks_per_node("2(x3),1") == [2, 2, 2, 1] and expand_tasks_per_node("4") == [4]
+    uneven = {**SRUN_TASK, "SLURM_STEP_NUM_TASKS": "3", "SLURM_STEP_TASKS_PER_NODE": "2,1"}
+    assert slurm_task_env({**uneven, "SLURM_NODEID": "0"})["LOCAL_WORLD_SIZE"] == "2"
+    assert slurm_task_env({**uneven, "SLURM_NODEID": "1"})["LOCAL_WORLD_SIZE"] == "1"
+    assert slurm_task_env({**SRUN_TASK, "SLURM_STEP_TASKS_PER_NODE": "4(x2)"})["LOCAL_WORLD_SIZE"] == "4"

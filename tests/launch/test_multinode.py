@@ -100,9 +100,10 @@ def sbatch(script: str, name: str, log: Path, options: list[str], overrides: lis
     return subprocess.run(command, cwd=REPO, env=JOB_ENV, capture_output=True, text=True, check=True).stdout.strip()
 
 
-def srun_tasks(nodes: int, tasks_per_node: int, *command: str, timeout: float = 300) -> None:
-    """Run ``command`` as nodes x tasks_per_node tasks of one srun step; fail with its output if a task fails."""
-    result = subprocess.run(["srun", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--cpus-per-task=1",
+def srun_tasks(nodes: int, tasks: int, *command: str, timeout: float = 300) -> None:
+    """Run ``command`` as ``tasks`` tasks of one srun step on ``nodes`` nodes (Slurm fills the first nodes first);
+    fail with its output if a task fails."""
+    result = subprocess.run(["srun", f"--nodes={nodes}", f"--ntasks={tasks}", "--cpus-per-task=1",
                              "--time=5", *command],
                             cwd=REPO, env=JOB_ENV, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
@@ -136,19 +137,22 @@ def job_name(request):
 
 
 # -- (1) the Slurm -> torch.distributed mapping --
-@pytest.mark.parametrize("nodes, tasks_per_node", [(2, 2), (3, 1)])
-def test_slurm_variables_map_to_torch_distributed_on_several_nodes(nodes, tasks_per_node, tmp_path):
-    """srun -N nodes: every task gets MASTER_ADDR = the first node, its node rank, local rank and the world size,
-    and the gloo group they form over TCP between the namespaces all-reduces and all-gathers correctly."""
-    world = nodes * tasks_per_node
-    srun_tasks(nodes, tasks_per_node, sys.executable, "-m", "tests.launch.multinode_worker", "mapping", str(tmp_path))
+@pytest.mark.parametrize("tasks_per_node", [[2, 2], [1, 1, 1], [2, 1]], ids=["2x2", "3x1", "2+1"])
+def test_slurm_variables_map_to_torch_distributed_on_several_nodes(tasks_per_node, tmp_path):
+    """srun on 2 and 3 nodes (also unevenly, -N2 -n3): every task gets MASTER_ADDR = the first node, its node rank,
+    local rank, its node's task count and the world size, and the gloo group they form over TCP between the
+    namespaces all-reduces and all-gathers correctly."""
+    world = sum(tasks_per_node)
+    srun_tasks(len(tasks_per_node), world, sys.executable, "-m", "tests.launch.multinode_worker", "mapping",
+               str(tmp_path))
     records = [json.loads((tmp_path / f"rank_{rank}.json").read_text()) for rank in range(world)]
-    hosts = [f"n{1 + rank // tasks_per_node}" for rank in range(world)]  # block distribution
-    for rank, record in enumerate(records):
+    layout = [(node, local) for node, count in enumerate(tasks_per_node) for local in range(count)]  # block order
+    hosts = [f"n{node + 1}" for node, _ in layout]
+    for rank, (record, (node, local)) in enumerate(zip(records, layout)):
         assert record["host"] == hosts[rank], record
         assert record["MASTER_ADDR"] == "n1" and record["RANK"] == record["slurm_procid"] == str(rank)
-        assert record["WORLD_SIZE"] == str(world) and record["LOCAL_WORLD_SIZE"] == str(tasks_per_node)
-        assert record["LOCAL_RANK"] == str(rank % tasks_per_node) and record["NODE_RANK"] == str(rank // tasks_per_node)
+        assert record["WORLD_SIZE"] == str(world) and record["LOCAL_WORLD_SIZE"] == str(tasks_per_node[node])
+        assert record["LOCAL_RANK"] == str(local) and record["NODE_RANK"] == str(node)
         assert record["group_rank"] == rank and record["group_size"] == world
         assert record["all_reduce"] == world * (world + 1) / 2 and record["hosts"] == hosts
     assert len({r["MASTER_PORT"] for r in records}) == 1
@@ -174,7 +178,7 @@ def test_two_by_two_mesh_across_two_nodes_matches_one_process(tmp_path):
     from tests.launch.multinode_worker import PARALLEL_SCENARIOS
     from tests.parallel.workers import run_reference
 
-    srun_tasks(2, 2, sys.executable, "-m", "tests.launch.multinode_worker", "parallel", str(tmp_path))
+    srun_tasks(2, 4, sys.executable, "-m", "tests.launch.multinode_worker", "parallel", str(tmp_path))
     for name, spec in PARALLEL_SCENARIOS.items():
         reference = run_reference(spec)
         for rank in range(4):
