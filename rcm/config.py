@@ -106,6 +106,9 @@ class TrainConfig:
     max_skipped_updates: int = 10
     skipped_updates_window: int = 100
     progress_bar: bool = True
+    # At the start and every this many iterations the student and its EMA draw toy samples at 1/2/4 steps, scored
+    # against data.ground_truth and plotted into <run_dir>/samples/ (rcm/training/samples.py); null: none.
+    sample_every: Optional[int] = None
 
 
 @dataclass
@@ -222,6 +225,7 @@ def validate_config(cfg: Any) -> None:
     if train.mixed_precision not in ("bf16", "none"):
         raise ConfigError(f"train.mixed_precision must be 'bf16' or 'none', got '{train.mixed_precision}'")
     _validate_checkpointing(train)
+    _validate_sampling(train, data, distill.method)
     if train.max_skipped_updates < 0 or train.skipped_updates_window < 1:
         raise ConfigError("train.max_skipped_updates must be at least 0 and train.skipped_updates_window at least 1")
     if (optim := _optional_section(cfg, "optim")) is not None:
@@ -271,6 +275,20 @@ def _validate_checkpointing(train: Any) -> None:
     if train.resume_from and str(train.resume_from).endswith((".pth", ".pt")) and not train.resume_weights_only:
         raise ConfigError(f"train.resume_from={train.resume_from} is a weights file: set train.resume_weights_only=true "
                           "(the full training state is only in DCP checkpoints)")
+
+
+def _validate_sampling(train: Any, data: Any, method: str) -> None:
+    every = getattr(train, "sample_every", None)
+    if every is None:
+        return
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ConfigError(f"train.sample_every must be a positive whole number of iterations (or null: no samples), got {every!r}")
+    if method == "flow_matching":
+        raise ConfigError("train.sample_every draws a distilled student's 1/2/4-step samples; teacher pretraining "
+                          "(distill.method=flow_matching) has none: leave it null and use rcm.evaluate --teacher-steps")
+    if not data.ground_truth:
+        raise ConfigError("train.sample_every draws toy samples and needs data.ground_truth (the toy data's "
+                          "ground_truth.pt); samples of Wan runs are not drawn during training yet")
 
 
 LR_DECAYS = ("none", "linear", "cosine")

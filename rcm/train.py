@@ -25,6 +25,7 @@ from rcm.parallel.distributed import init_distributed, resolve_device, shutdown_
 from rcm.training.metrics_log import MetricsLog
 from rcm.training.monitor import TrainingMonitor, pin_cpu_affinity
 from rcm.training.nonfinite import NonFiniteBudget, StepOutcome
+from rcm.training.samples import TrainingSamples
 from rcm.training.state import TrainingState, build_network, load_negative_embedding
 from rcm.training.step import lr_factor, set_learning_rate, train_step
 
@@ -66,9 +67,12 @@ class Trainer(TrainingState):
         logs: dict[str, Any] = {}
         started = time.time()
         self.monitor = monitor = TrainingMonitor(self, heartbeat)
+        samples = TrainingSamples(self) if cfg.sample_every else None
         with MetricsLog(self.cfg.run_dir, self.iteration, cfg.max_iters, cfg.log_every, self.info.is_main,
                         cfg.progress_bar, self.cfg.name, self.cfg.logging.backends, self.cfg.logging.dir,
                         self.cfg.logging.wandb_project, _plain_config(self.cfg)) as metrics:
+            if samples is not None and self.iteration == 0:  # a fresh run: the starting point too
+                metrics.write(0, *samples.draw(0))
             while self.iteration < cfg.max_iters:
                 logs.update(self.step())  # keeps the latest value of every network's numbers
                 self.skipped_updates += budget.record(self.iteration - 1, self.last_outcome)
@@ -81,7 +85,12 @@ class Trainer(TrainingState):
                     with monitor.timer.phase("checkpoint"):  # what an (asynchronous) save holds training up
                         self.save()
                 monitor.end_step(logs["role"])
-                metrics.record(self.iteration, {**logs, **monitor.observe(self.iteration, metrics.due(self.iteration))})
+                observed = monitor.observe(self.iteration, metrics.due(self.iteration))
+                drawn, images = {}, None
+                if samples is not None and samples.due(self.iteration):
+                    with monitor.timer.excluded():
+                        drawn, images = samples.draw(self.iteration)
+                metrics.record(self.iteration, {**logs, **observed, **drawn}, images, force=bool(drawn))
                 if stop is not None and self.iteration < cfg.max_iters and stop.should_stop(self.iteration):
                     self.save(wait=True)  # on disk before the job is requeued; at once if this iteration is saved
                     logs["stopped_by"] = stop.signal_name
@@ -109,9 +118,9 @@ def train(cfg: Any) -> dict[str, Any]:
     validate_config(cfg)
     launch = cfg.launch
     device = resolve_device(cfg.train.device)
+    if cfg.logging.cpu_affinity:  # before any thread starts: threads inherit the mask
+        pin_cpu_affinity(device)
     info = init_distributed(device, launch.collective_timeout_minutes, launch.nccl_env)
-    if cfg.logging.cpu_affinity:
-        pin_cpu_affinity(device, info)
     try:  # one writer per run directory, before anything is written into it; every rank hears of a refusal
         lease = lease_run_directory(cfg.run_dir, info.is_main, info.world_size, launch.lease_timeout_minutes * 60,
                                     launch.heartbeat_every_s)

@@ -69,6 +69,15 @@ class StepTimer:
             self.totals.flops += flops
             self.totals.flops_wall_s += wall
 
+    @contextmanager
+    def excluded(self):
+        """A block between steps (drawing samples) that counts in no step's time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.step_start += time.perf_counter() - start
+
     def snapshot(self) -> TimerTotals:
         """The running totals now (pass to ``window_metrics`` later for the steps in between)."""
         return self.totals.copy()

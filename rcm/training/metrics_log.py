@@ -25,14 +25,19 @@ class MetricsLog:
         """Whether ``iteration`` is one whose logs are written."""
         return iteration % self.log_every == 0 or iteration == self.total
 
-    def record(self, iteration: int, logs: dict[str, Any]) -> None:
-        """One iteration finished: advance the bar; every ``log_every`` iterations and at the end, show the losses
-        and write ``logs`` to the backends."""
+    def record(self, iteration: int, logs: dict[str, Any], images: dict[str, Any] | None = None,
+               force: bool = False) -> None:
+        """One iteration finished: advance the bar; every ``log_every`` iterations, at the end and with ``force``,
+        show the losses and write ``logs`` (and ``images``, HWC uint8) to the backends."""
         self.progress.update(1)
-        if self.due(iteration):
+        if self.due(iteration) or force:
             shown = {k: round(v, 4) for k, v in logs.items() if k.startswith("loss/")}
             self.progress.set_postfix(shown, refresh=False)
-            self.backends.write(iteration, logs)
+            self.backends.write(iteration, logs, images)
+
+    def write(self, iteration: int, logs: dict[str, Any], images: dict[str, Any] | None = None) -> None:
+        """Write ``logs`` (and ``images``) of ``iteration`` to the backends now (e.g. before the first step)."""
+        self.backends.write(iteration, logs, images)
 
     def close(self) -> None:
         """Close the bar and the backends."""

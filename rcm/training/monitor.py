@@ -18,7 +18,6 @@ from rcm.observe.gpu_telemetry import GpuTelemetry
 from rcm.observe.nvml import load_nvml, nvml_handle
 from rcm.observe.step_timing import StepTimer, cuda_memory_metrics, window_metrics
 from rcm.observe.stragglers import StragglerWatch
-from rcm.parallel.distributed import DistributedInfo
 from rcm.parallel.mesh import mesh_dims
 from rcm.training.state import TrainingState
 
@@ -30,19 +29,22 @@ def tokens_per_sample(cfg: Any) -> int:
     return math.prod(size // patch for size, patch in zip(cfg.data.latent_shape[1:], cfg.model.patch_size))
 
 
-def pin_cpu_affinity(device: torch.device, info: DistributedInfo) -> set[int] | None:
-    """On a GPU, restrict this rank to the CPU cores near its GPU (``logging.cpu_affinity``); returns the cores, or
-    None where nothing was pinned (a CPU run, no NVML, no usable mask)."""
+def pin_cpu_affinity(device: torch.device) -> set[int] | None:
+    """On a GPU, restrict this process to the CPU cores near its GPU (``logging.cpu_affinity``); returns the cores,
+    or None where nothing was pinned (a CPU run, no NVML, no usable mask).
+
+    Call it before the process group and the data loader start their threads: the mask is per thread and only
+    threads started later inherit it."""
     if device.type != "cuda":
         return None
     nvml = load_nvml()
     if nvml is None:
         return None
     index = device.index or 0
-    where = f"rank {info.rank} (GPU {index} of host {socket.gethostname()})"
+    where = f"GPU {index} of host {socket.gethostname()}"
     cores = pin_to_gpu_cpus(nvml, nvml_handle(nvml, index), where)
     if cores is not None:
-        log.info("%s pinned to %d CPU cores near its GPU", where, len(cores))
+        log.info("the process of %s is pinned to %d CPU cores near it", where, len(cores))
     return cores
 
 
