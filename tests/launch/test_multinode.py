@@ -264,12 +264,14 @@ def uninterrupted_two_node_run(toy_setup, tmp_path_factory) -> Path:
 
 def test_pre_timeout_signal_on_two_nodes_checkpoints_requeues_and_resumes_bit_identical(
         uninterrupted_two_node_run, toy_setup, tmp_path, job_name):
-    """USR2 (Slurm's pre-timeout signal) to the ranks on n1 and n2: both stop after the same iteration, the checkpoint
-    is written by both, rank 0 requeues, and the requeued 2-node job resumes to the uninterrupted end state."""
+    """USR2 (Slurm's pre-timeout signal) sent to the batch shell alone (`scancel --batch`, what `--signal=B:USR2@T`
+    does): the template forwards it to the step, i.e. to the ranks on n1 and n2 as `--signal=USR2@T` would. Both stop
+    after the same iteration, both write the checkpoint, rank 0 requeues, and the requeued 2-node job resumes to
+    the uninterrupted end state bit for bit."""
     job_id = submit_drill(job_name, tmp_path, toy_setup)
     wait_until(lambda: heartbeat(tmp_path / "run").get("iteration", -1) >= 4, 180, "the job to reach iteration 4")
     signalled_at = time.time()
-    slurm("scancel", "--signal=USR2", job_id)
+    slurm("scancel", "--batch", "--signal=USR2", job_id)
     record = wait_for_state(job_id, ("COMPLETED", "FAILED", "CANCELLED"), 300)
     text = (tmp_path / "job.out").read_text(errors="replace")
     stopped = re.search(r"stopped on SIGUSR2 at iteration (\d+)", text)
@@ -278,6 +280,7 @@ def test_pre_timeout_signal_on_two_nodes_checkpoints_requeues_and_resumes_bit_id
         if logged:
             at = datetime.strptime(logged.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(logged.group(2)) / 1000
             print(f"USR2 on 2 nodes: '{event}' {at - signalled_at:.1f} s after the signal")
+    assert f"batch shell: got SIGUSR2; forwarding it to the steps of job {job_id}" in text, text[-3000:]
     assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", text[-3000:]
     assert stopped and 4 <= int(stopped.group(1)) < DRILL_ITERS, text[-3000:]
     assert len(rank_states(tmp_path / "run" / "checkpoints" / f"iter_{int(stopped.group(1)):09d}")) == 2
@@ -289,24 +292,6 @@ def test_pre_timeout_signal_on_two_nodes_checkpoints_requeues_and_resumes_bit_id
     assert_same_state(reference, resumed)
     final = f"checkpoints/iter_{DRILL_ITERS:09d}"
     assert same_value(rank_states(tmp_path / "run" / final), rank_states(uninterrupted_two_node_run / final))
-
-
-def test_a_signal_to_the_batch_shell_alone_is_forwarded_to_the_ranks_on_both_nodes(
-        uninterrupted_two_node_run, toy_setup, tmp_path, job_name):
-    """`scancel --batch --signal=USR2` (what `--signal=B:USR2@T` does) reaches only the batch shell on n1: the
-    template forwards it to the step, so the ranks on n1 and n2 stop, save and requeue, and the job resumes to
-    the uninterrupted end state."""
-    job_id = submit_drill(job_name, tmp_path, toy_setup)
-    wait_until(lambda: heartbeat(tmp_path / "run").get("iteration", -1) >= 4, 180, "the job to reach iteration 4")
-    slurm("scancel", "--batch", "--signal=USR2", job_id)
-    record = wait_for_state(job_id, ("COMPLETED", "FAILED", "CANCELLED"), 300)
-    text = (tmp_path / "job.out").read_text(errors="replace")
-    assert "batch shell: got SIGUSR2; forwarding it" in text, text[-3000:]
-    assert re.search(r"stopped on SIGUSR2 at iteration \d+", text), text[-3000:]
-    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", record
-    overrides = drill_overrides(toy_setup)
-    _, reference = final_state(uninterrupted_two_node_run, overrides)
-    assert_same_state(reference, final_state(tmp_path / "run", overrides)[1])
 
 
 @pytest.fixture
