@@ -138,7 +138,7 @@ def train(cfg: Any) -> dict[str, Any]:
         return result
     except Exception as error:
         if not isinstance(error, INPUT_ERRORS):  # a crash, not bad input: its traceback, and who else is stuck
-            behind = describe_heartbeats(heartbeats, stale_after_s=2 * launch.heartbeat_every_s + 10)
+            behind = describe_heartbeats(heartbeats, stale_after_s=2 * launch.heartbeat_every_s + 10, error=error)
             log.error("rank %d of %d failed%s", info.rank, info.world_size,
                       f"; ranks that froze or fell behind:\n{behind}" if behind else "", exc_info=not debug_enabled())
         raise

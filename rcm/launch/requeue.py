@@ -19,8 +19,9 @@ import os
 import signal
 import subprocess
 
+import torch.distributed as dist
+
 from rcm.launch.environment import slurm_job_reference
-from rcm.parallel.distributed import DistributedInfo, barrier
 
 log = logging.getLogger("rcm.launch")
 SUBMITIT_LOCAL_REQUEUE_EXIT_CODE = 144  # submitit.local.local.LOCAL_REQUEUE_RETURN_CODE
@@ -71,7 +72,7 @@ def reason_not_to_requeue_on_sigterm(job_id: str, restarts: int = 0) -> str | No
     return None
 
 
-def stop_and_requeue(signum: int, info: DistributedInfo, requeue: bool, max_requeues: int) -> None:
+def stop_and_requeue(signum: int, info, requeue: bool, max_requeues: int) -> None:
     """Called on every rank after the stop checkpoint is complete; requeues (rank 0) and exits. Never returns."""
     exit_code = 128 + signum
     name = signal.Signals(signum).name
@@ -92,5 +93,8 @@ def stop_and_requeue(signum: int, info: DistributedInfo, requeue: bool, max_requ
             request_slurm_requeue(job_id, restarts, max_requeues)
     elif info.is_main:
         log.info("stopped on %s after saving a checkpoint; run the same command again to resume", name)
-    barrier(info)  # nobody exits (and makes srun kill the step) before rank 0 has requeued
+    # Nobody exits (and makes srun kill the step) before rank 0 has requeued. (A plain barrier: this launch module
+    # sits below rcm.parallel, whose DistributedInfo ``info`` is; only its rank, world size and is_main are read.)
+    if info.world_size > 1 and dist.is_initialized():
+        dist.barrier()
     raise SystemExit(exit_code)
