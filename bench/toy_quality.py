@@ -95,7 +95,7 @@ def evaluate_student(run_dir: Path, mixture, samples_per_class: int, seed: int) 
 
 
 def run_variant(variant: str, seed: int, out: Path, data_dir: Path, teacher_dir: Path, iters: int,
-                samples_per_class: int, threads: int) -> tuple[str, int, dict, float]:
+                samples_per_class: int, threads: int, model_overrides: list[str] = ()) -> tuple[str, int, dict, float]:
     """Train one (variant, seed) student and evaluate it; runs in a worker process."""
     from rcm.data.toy import ToyMixture
 
@@ -110,7 +110,7 @@ def run_variant(variant: str, seed: int, out: Path, data_dir: Path, teacher_dir:
             kept.append(override)
     run_dir = out / f"{variant}_seed{seed}"
     train_run(experiment, run_dir, data_dir, [f"distill.teacher_checkpoint={teacher_dir}", f"train.seed={seed}",
-                                               f"train.max_iters={iters * factor}", *kept], threads)
+                                               f"train.max_iters={iters * factor}", *kept, *model_overrides], threads)
     mixture = ToyMixture.load(data_dir / "ground_truth.pt")
     return variant, seed, evaluate_student(run_dir, mixture, samples_per_class, seed), time.time() - started
 
@@ -127,6 +127,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=1200, help="distillation iterations per run (same for all)")
     parser.add_argument("--teacher-iters", type=int, default=2000)
     parser.add_argument("--samples-per-class", type=int, default=256)
+    parser.add_argument("--model-overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="model.* overrides for the teacher and every student (a capacity study), e.g. "
+                             "model.dim=128 model.ffn_dim=256 model.num_layers=4")
     parser.add_argument("--workers", type=int, default=1, help="runs trained in parallel (one CPU thread each "
                         "when several)")
     parser.add_argument("--list", action="store_true", help="print the variants and what each changes, then exit")
@@ -138,6 +141,8 @@ def main() -> None:
     variants = args.variants or args.methods or list(METHODS)
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
+    if any(not o.startswith("model.") or "=" not in o for o in args.model_overrides):
+        parser.error(f"--model-overrides takes model.KEY=VALUE items, got {args.model_overrides}")
 
     from rcm.data.metrics import toy_metrics
     from rcm.data.toy import ToyMixture
@@ -150,7 +155,8 @@ def main() -> None:
     data_dir = build_data(out, 16384)
     teacher_dir = out / "toy_teacher"
     # A few threads: the toy is too small for more (16 threads took 447 s for what 2 do in ~150 s).
-    train_run("toy_teacher", teacher_dir, data_dir, [f"train.max_iters={args.teacher_iters}"], threads=2)
+    train_run("toy_teacher", teacher_dir, data_dir, [f"train.max_iters={args.teacher_iters}", *args.model_overrides],
+              threads=2)
     print(f"[quality] teacher ready ({time.time() - started:.0f} s)", flush=True)
     mixture = ToyMixture.load(data_dir / "ground_truth.pt")
 
@@ -171,7 +177,7 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = "1"
     with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(run_variant, variant, seed, out, data_dir, teacher_dir, args.iters,
-                               args.samples_per_class, threads) for variant, seed in jobs]
+                               args.samples_per_class, threads, args.model_overrides) for variant, seed in jobs]
         for done, future in enumerate(as_completed(futures), 1):
             variant, seed, rows, seconds = future.result()
             for key, row in rows.items():
