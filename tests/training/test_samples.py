@@ -84,3 +84,38 @@ def test_bad_sampling_settings_are_one_sentence(toy_setup, tmp_path, overrides, 
     with pytest.raises(ConfigError) as error:
         validate_config(rcm_config(toy_setup, tmp_path, 2, overrides))
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def _draw_on_rank(rank: int, world_size: int, root: str, run_dir: str, init_file: str, results) -> None:
+    import torch.distributed as dist
+
+    samples_module.SAMPLES_PER_CLASS, samples_module.SLICED_WASSERSTEIN_PROJECTIONS = 4, 8
+    torch.set_num_threads(1)  # the parent's OpenMP pool does not survive the fork
+    if world_size > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        from pathlib import Path
+
+        cfg = rcm_config(Path(root), Path(run_dir), 2, ["train.sample_every=2"])
+        trainer = Trainer(cfg, torch.device("cpu"), DistributedInfo(rank, world_size, rank))
+        drawn = samples_module.TrainingSamples(trainer)
+        results.put((rank, drawn.classes, drawn.draw(0)[0]))
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+def test_two_ranks_split_the_classes_and_score_what_one_rank_scores(toy_setup, tmp_path):
+    """Each rank draws its share of the classes (the same count, so sharded networks stay in step) and the main
+    rank scores them all: the 1-step samples, which depend on each class's seed alone, score as on one rank."""
+    from tests.forked import run_forked
+
+    [(_, _, alone)] = run_forked(_draw_on_rank, [(0, 1, str(toy_setup), str(tmp_path / "one"), "")], timeout_s=60)
+    both = {rank: (classes, logs) for rank, classes, logs in run_forked(
+        _draw_on_rank, [(rank, 2, str(toy_setup), str(tmp_path / "two"), str(tmp_path / "init")) for rank in range(2)],
+        timeout_s=60)}
+    assert both[0][0] == [0, 2, 4, 6] and both[1][0] == [1, 3, 5, 7] and both[1][1] == {}
+    for metric in ("precision", "recall", "mode_kl", "sliced_wasserstein"):
+        key = f"samples/student_1step/{metric}"
+        assert both[0][1][key] == pytest.approx(alone[key]), key
+    assert both[0][1]["samples/failures"] == 0
