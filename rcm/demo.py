@@ -21,6 +21,7 @@ from rcm.data.toy import ToyMixture, ToyMixtureConfig, build_toy_dataset
 from rcm.evaluate import generate_toy_samples, load_network, markdown_table, summarize
 from rcm.data.metrics import toy_metrics
 from rcm.plots import plot_toy_samples
+from rcm.report import write_report
 from rcm.train import train
 
 # Student intermediate times that suit the toy (a scan of the demo student: README).
@@ -122,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     plot = plot_toy_samples(panels, mixture, out / "samples.png")
+    write_report(student_dir, out)  # the distillation's curves: losses, gradient norms, throughput
     print("\n" + table)
-    print(f"\n[demo] done in {time.time() - started:.0f} s: table {out / 'results.md'}, plot {plot}")
+    print(f"\n[demo] done in {time.time() - started:.0f} s: table {out / 'results.md'}, plot {plot}, "
+          f"curves {out / 'curves.png'}")
     return 0
 
 

@@ -17,6 +17,7 @@ def test_demo_quick_runs_end_to_end(tmp_path):
         for key in ("precision", "recall", "mode_kl"):
             assert 0.0 <= row[key] and (key == "mode_kl" or row[key] <= 1.0)
     assert (tmp_path / "samples.png").stat().st_size > 10_000
+    assert (tmp_path / "curves.png").stat().st_size > 10_000 and (tmp_path / "summary.md").is_file()
     assert (tmp_path / "toy_rcm" / "checkpoints").is_dir()
     # A second call resumes every stage instead of redoing it.
     assert main(["--quick", "--out", str(tmp_path)]) == 0
