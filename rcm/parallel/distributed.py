@@ -13,6 +13,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from rcm.cli_errors import UserError
 from rcm.launch.environment import apply_env_defaults, export_launcher_torch_env, local_rank
 
 
@@ -58,14 +59,15 @@ def resolve_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device is 'cuda' but no CUDA device is visible; use train.device=cpu")
+            raise UserError("train.device is 'cuda' but no CUDA device is visible; use train.device=cpu")
         index = local_rank()
         visible = torch.cuda.device_count()
         if visible == 1:  # srun --gpus-per-task=1: each task sees only its own GPU
             index = 0
         elif index >= visible:
-            raise RuntimeError(f"local rank {index} has no GPU of its own: only {visible} are visible on this node; "
-                               "start one task per GPU (tasks per node = GPUs per node)")
+            # Before any process group or training: a job whose tasks per node exceed the node's GPUs.
+            raise UserError(f"local rank {index} has no GPU of its own: only {visible} are visible on this node; "
+                            "start one task per GPU (tasks per node = GPUs per node)")
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device(name)

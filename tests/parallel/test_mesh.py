@@ -85,3 +85,22 @@ def test_one_process_gets_only_activation_checkpointing():
     teacher = parallelize_wan_dit(tiny_dit(0, num_layers=2).requires_grad_(False), None,
                                   _config(activation_checkpointing_every=1), frozen=True)
     assert not any(getattr(block, "_rcm_checkpointed", False) for block in teacher.blocks)
+
+
+def test_more_tasks_per_node_than_gpus_is_one_sentence(monkeypatch):
+    """A job starting more tasks on a node than it has GPUs stops before training with one sentence (a UserError,
+    which rcm.train prints without a traceback) naming the local rank and the visible GPUs."""
+    import pytest
+    import torch
+
+    from rcm.cli_errors import UserError
+    from rcm.parallel.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    with pytest.raises(UserError, match="local rank 5 has no GPU of its own: only 4 are visible"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="train.device=cpu"):
+        resolve_device("cuda")
