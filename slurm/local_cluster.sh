@@ -81,6 +81,24 @@ start_munge() {
     die "munged did not start (see /var/log/munge/munged.log)"
 }
 
+common_settings() {  # the slurm.conf lines both clusters share: munge auth as root, no accounting, no cgroups
+    cat <<EOF
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=cred_expire=10
+SlurmUser=root
+SlurmdUser=root
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MpiDefault=none
+SwitchType=switch/none
+SelectType=select/cons_tres
+EOF
+}
+
 write_config() {
     local file
     for file in "$CONF" "$GRES_CONF"; do
@@ -132,25 +150,13 @@ NodeName=$NODE Name=gpu File=$gpu_files"
 $MARKER
 ClusterName=rcmlocal
 SlurmctldHost=$NODE(127.0.0.1)
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=cred_expire=10
-SlurmUser=root
-SlurmdUser=root
+$(common_settings)
 StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
 SlurmctldPidFile=$CTLD_PID
 SlurmdPidFile=$SLURMD_PID
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
 SlurmdLogFile=$LOG_DIR/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-MpiDefault=none
-SwitchType=switch/none
-SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 SchedulerType=sched/builtin
 SchedulerParameters=sched_interval=1
@@ -300,25 +306,13 @@ ClusterName=rcmmulti
 SlurmctldHost=mnctl($MN_NET.1)
 SlurmctldPort=7817
 SlurmdPort=7818
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=cred_expire=10
-SlurmUser=root
-SlurmdUser=root
+$(common_settings)
 StateSaveLocation=$MN_DIR/state
 SlurmdSpoolDir=$MN_DIR/spool/%n
 SlurmctldPidFile=$MN_DIR/run/slurmctld.pid
 SlurmdPidFile=$MN_DIR/run/slurmd-%n.pid
 SlurmctldLogFile=$MN_DIR/log/slurmctld.log
 SlurmdLogFile=$MN_DIR/log/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-MpiDefault=none
-SwitchType=switch/none
-SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=1,bf_interval=1
