@@ -27,7 +27,7 @@ from rcm.training.monitor import TrainingMonitor, pin_cpu_affinity
 from rcm.training.nonfinite import NonFiniteBudget, StepOutcome
 from rcm.training.samples import TrainingSamples
 from rcm.training.state import TrainingState, build_network, load_negative_embedding
-from rcm.training.step import lr_factor, set_learning_rate, train_step
+from rcm.training.step import lr_factor, train_step
 
 __all__ = ["Trainer", "train", "build_network", "lr_factor", "load_negative_embedding", "main"]
 
@@ -48,9 +48,6 @@ class Trainer(TrainingState):
         """One iteration: a batch, the scheduled network's loss, backward, gradient sync, update; returns its logs."""
         self.last_outcome = train_step(self, self.monitor.timer if self.monitor is not None else None)
         return self.last_outcome.logs
-
-    def _set_lr(self, role: str) -> None:
-        set_learning_rate(self, role)
 
     def run(self, stop: StopRequest | None = None, heartbeat: Heartbeat | None = None,
             lease: RunLease | None = None) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from rcm.config import ConfigError, load_config
 from rcm.data.shards import ShardError
 from rcm.parallel.distributed import DistributedInfo
 from rcm.train import Trainer, build_network, train
+from rcm.training.step import set_learning_rate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -225,7 +226,7 @@ def test_trainer_applies_the_decay_and_the_config_checks_it(toy_setup, tmp_path)
     for iteration, factor in ((0, 1.0), (5, 0.25)):
         trainer.iteration = iteration
         for role, optimizer in trainer.optimizers.items():
-            trainer._set_lr(role)
+            set_learning_rate(trainer, role)
             assert optimizer.param_groups[0]["lr"] == pytest.approx(trainer.base_lr[role] * factor)
     with pytest.raises(ConfigError, match="optim.decay must be one of none, linear, cosine"):
         rcm_config(toy_setup, tmp_path / "bad", 6, ["optim.decay=exp"])

@@ -112,7 +112,6 @@ class TrainingState:
         self.distiller = Distiller(distill, self.student, self.teacher, self.fake_score, self.negative_embedding, self.generator)
         self.iteration = 0
         self.student_iteration = 0
-        self.skipped_steps = 0
         self.skipped_updates = 0  # iterations the non-finite budget counted as skipped, over the whole run
         self.checkpoints = CheckpointManager(Path(cfg.run_dir) / "checkpoints", info, cfg.train.keep_last,
                                              cfg.train.keep_every, cfg.train.async_save, cfg.train.async_save_mode,

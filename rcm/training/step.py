@@ -85,7 +85,6 @@ def train_step(state: TrainingState, timer: StepTimer | None = None) -> StepOutc
         update_skipped = not torch.isfinite(grad_norm)
     with phase("optimizer"):
         if update_skipped:  # a NaN that the loss guards could not stop (e.g. inside the network): skip, don't poison Adam
-            state.skipped_steps += 1
             log.warning("iteration %d: non-finite %s gradient norm, update skipped", state.iteration, role)
         else:
             optimizer.step()
